@@ -1,0 +1,5 @@
+"""`python -m runner` runs the edarun CLI."""
+
+from .cli import main
+
+main()

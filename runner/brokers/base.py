@@ -1,0 +1,84 @@
+"""The broker protocol: the few async operations every pattern needs, on any broker.
+
+`memory`, `amqp` and multi-broker implement it; patterns and the runtime see nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class Message:
+    """An outgoing message: a JSON body plus headers (trace context, attempt, edarun metadata)."""
+
+    body: bytes
+    message_id: str
+    headers: dict[str, Any] = field(default_factory=dict)
+    persistent: bool = True
+
+
+class Delivery(Protocol):
+    """An incoming message, unacknowledged until `ack` or `nack` is awaited."""
+
+    body: bytes
+    message_id: str
+    headers: dict[str, Any]
+    redelivered: bool
+    queue: str
+
+    async def ack(self) -> None: ...
+
+    async def nack(self, *, requeue: bool) -> None:
+        """Requeue (redelivered later, marked) or drop it; callers park before dropping."""
+
+
+@dataclass(frozen=True, slots=True)
+class Depth:
+    """Ready messages (the depth of the talk) and, separately, delivered but unacknowledged ones."""
+
+    ready: int
+    unacked: int
+
+    @property
+    def total(self) -> int:
+        return self.ready + self.unacked
+
+
+class Subscription(Protocol):
+    """One broker consumer: deliveries in queue order, at most `prefetch` unacknowledged."""
+
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
+
+    async def __anext__(self) -> Delivery: ...
+
+    async def cancel(self) -> None:
+        """Stop receiving; deliveries already handed out can still be acknowledged or requeued."""
+
+    async def close(self) -> None:
+        """Cancel, and return every unacknowledged delivery to the queue, marked redelivered."""
+
+
+class BrokerError(RuntimeError):
+    """A broker operation that failed (unreachable broker, unroutable message, closed connection)."""
+
+
+class Broker(Protocol):
+    url: str  # credentials redacted: safe to print, log and trace
+    system: str  # messaging.system of the spans
+
+    async def connect(self, timeout: float) -> None: ...
+
+    async def declare(self, queue: str) -> None:
+        """Create the queue if missing (idempotent)."""
+
+    async def publish(self, queue: str, message: Message) -> None:
+        """Returns once the broker has taken responsibility (a publisher confirm on RabbitMQ)."""
+
+    async def consume(self, queue: str, *, prefetch: int) -> Subscription: ...
+
+    async def depth(self, queue: str) -> Depth: ...
+
+    async def close(self) -> None: ...

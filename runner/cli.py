@@ -1,0 +1,220 @@
+"""The `edarun` command line: each command parses its arguments and calls one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from .config.loader import LoadedPipeline, PipelineError, load_pipeline
+from .redact import redact_text
+
+app = typer.Typer(
+    name="edarun",
+    help="Run event-driven architecture patterns from one YAML pipeline file.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+PipelineArg = Annotated[Path, typer.Argument(help="the pipeline YAML file", show_default=False)]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(redact_text(message), markup=False)
+    raise typer.Exit(code)
+
+
+def _load(path: Path) -> LoadedPipeline:
+    try:
+        return load_pipeline(path)
+    except PipelineError as exc:
+        _fail("\n".join(exc.lines), 2)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("opentelemetry").setLevel(logging.ERROR)
+
+
+@app.command()
+def validate(pipeline: PipelineArg) -> None:
+    """Check a pipeline file; exit 2 listing every error as file:line:col."""
+    loaded = _load(pipeline)
+    model = loaded.model
+    out.print(
+        f"{pipeline}: valid ({len(model.producers)} producers, {len(model.consumers)} consumers)",
+        markup=False,
+    )
+    at_least_once = [n for n, c in model.consumers.items() if c.delivery == "at_least_once"]
+    if model.broker == "memory" and not model.brokers and at_least_once:
+        out.print(
+            "note: broker 'memory' keeps nothing across a crash of the process; at_least_once "
+            f"({', '.join(at_least_once)}) holds within one run only — use amqp:// for durability",
+            markup=False,
+        )
+    from .runtime.supported import unsupported
+
+    for problem in unsupported(model):
+        out.print(f"note: {problem}; `edarun up` will refuse it", markup=False)
+
+
+@app.command()
+def up(
+    pipeline: PipelineArg,
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    until_idle: Annotated[
+        bool, typer.Option("--until-idle", help="exit 0 once all work is done")
+    ] = False,
+    only: Annotated[
+        list[str] | None, typer.Option(help="run only these services (repeatable)")
+    ] = None,
+    reload: Annotated[
+        bool, typer.Option("--reload", help="apply edited policies to running services")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="write a JSON summary here when up ends")
+    ] = None,
+    traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    """Run a pipeline: its producers, queues and consumers on the broker."""
+    from .runtime import RunError, RunOptions, run_pipeline
+    from .runtime.live import LiveView, LogView
+
+    loaded = _load(pipeline)
+    if reload:
+        _fail(
+            "--reload needs watch notification (pattern 4), which this version does not run yet", 2
+        )
+    if traces is not None:
+        from .config.policy import PolicySyntaxError, parse_traces
+
+        try:
+            parse_traces(traces)
+        except PolicySyntaxError as exc:
+            _fail(f"--traces: {exc}", 2)
+    if broker is not None:
+        from .config.models import check_broker_url
+
+        try:
+            check_broker_url(broker)
+        except ValueError as exc:
+            _fail(f"--broker: {exc}", 2)
+    _logging(verbose)
+    interactive = err.is_terminal and not os.environ.get("CI")
+    view = LiveView(err) if interactive else LogView(err)
+    options = RunOptions(
+        broker=broker,
+        until_idle=until_idle,
+        only=only or (),
+        report=report,
+        traces=traces,
+        connect_timeout=connect_timeout,
+        view=view,
+    )
+    try:
+        code = run_pipeline(loaded, options)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the pipeline file (for editor completion)."""
+    from .config.schema import pipeline_schema
+
+    out.print(json.dumps(pipeline_schema(), indent=2), markup=False)
+
+
+class GraphFormat(str, Enum):
+    mermaid = "mermaid"
+    dot = "dot"
+
+
+@app.command()
+def graph(
+    pipeline: PipelineArg,
+    format: Annotated[
+        GraphFormat, typer.Option("--format", help="mermaid or dot")
+    ] = GraphFormat.mermaid,
+) -> None:
+    """Print the topology: producers, queues, consumers, emit edges, dashboard queues."""
+    from . import graph as topology
+
+    loaded = _load(pipeline)
+    render = topology.mermaid if format is GraphFormat.mermaid else topology.dot
+    out.print(redact_text(render(loaded.model)), markup=False, end="")
+
+
+@app.command()
+def send(
+    pipeline: PipelineArg,
+    queue: Annotated[str, typer.Argument(help="a queue named in the pipeline")],
+    event: Annotated[str, typer.Argument(help="the event as a JSON object")],
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+) -> None:
+    """Publish one JSON event to a queue of a pipeline's broker."""
+    from .runtime import RunError, send_event
+
+    loaded = _load(pipeline)
+    try:
+        body = json.loads(event)
+    except json.JSONDecodeError as exc:
+        _fail(f"EVENT: not JSON: {exc}", 2)
+    if not isinstance(body, dict):
+        _fail("EVENT: expected a JSON object", 2)
+    try:
+        message_id = send_event(loaded, queue, body, broker, connect_timeout)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
+    out.print(f"sent {message_id} to {queue}", markup=False)
+
+
+@app.command()
+def traces(
+    path: Annotated[Path, typer.Argument(help="a traces file written by traces: file(path)")],
+) -> None:
+    """Print the traces of a file as trees with timings."""
+    from .traces_view import render_traces
+
+    try:
+        render_traces(path, out)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as exc:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("EDARUN_DEBUG"):
+            raise
+        err.print(
+            f"edarun: internal error: {type(exc).__name__}: {redact_text(str(exc))} "
+            "(set EDARUN_DEBUG=1 for the traceback)",
+            markup=False,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

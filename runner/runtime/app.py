@@ -1,0 +1,294 @@
+"""Running a pipeline: build its services on a broker, watch them, stop at idle or on a signal.
+
+The runner owns the services' lifecycle and the run's outcome (exit code and report); the services
+own their work. Idle means: the selected producers are exhausted, the queues the selected consumers
+read hold nothing ready or unacknowledged, nothing is in flight and no retry is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..brokers import Broker, BrokerError, connect_url
+from ..config.loader import LoadedPipeline
+from ..redact import redact_text, redact_url
+from ..telemetry import Tracing
+from .consumer import ConsumerService
+from .dashboard import dashboard_queue
+from .producer import ProducerService
+from .stats import ConsumerStats, ProducerStats, RunStats
+from .supported import unsupported
+
+log = logging.getLogger("edarun")
+
+EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+_POLL = 0.05
+
+
+class RunError(Exception):
+    """A run that cannot start; `code` is the exit code (2 invalid options, 1 runtime)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RunOptions:
+    broker: str | None = None
+    until_idle: bool = False
+    only: Sequence[str] = ()
+    report: Path | None = None
+    traces: str | None = None  # overrides telemetry.traces: none | console | otlp | file(path)
+    connect_timeout: float = 30.0
+    view: Any = None  # a runtime.live view; None = no output
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def queues_of(loaded: LoadedPipeline) -> list[str]:
+    """Every queue the pipeline names, in the order it names them."""
+    model = loaded.model
+    names: list[str] = list(model.queues)
+    for producer in model.producers.values():
+        if producer.to:
+            names.append(producer.to)
+        if producer.route:
+            names += [
+                *producer.route.to.values(),
+                *([producer.route.default] if producer.route.default else []),
+            ]
+    for consumer in model.consumers.values():
+        names += [consumer.from_, *([consumer.emit] if consumer.emit else [])]
+    return list(dict.fromkeys(names))
+
+
+class Runner:
+    def __init__(self, loaded: LoadedPipeline, options: RunOptions) -> None:
+        self.loaded = loaded
+        self.options = options
+        model = loaded.model
+        problems = unsupported(model)
+        if problems:
+            raise RunError("\n".join(f"{loaded.path}: {p}" for p in problems), EXIT_INVALID)
+        unknown = [n for n in options.only if n not in model.producers and n not in model.consumers]
+        if unknown:
+            raise RunError(
+                f"--only: no producer or consumer named {', '.join(map(repr, unknown))}",
+                EXIT_INVALID,
+            )
+        selected = set(options.only) or {*model.producers, *model.consumers}
+        self.producer_names = [n for n in model.producers if n in selected]
+        self.consumer_names = [n for n in model.consumers if n in selected]
+        self.stats = RunStats(pipeline=model.name)
+        self.stop_requested: asyncio.Event | None = None
+        self.interrupted = False
+        self.failed: list[str] = []
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _tracing(self) -> Tracing:
+        model = self.loaded.model
+        traces = model.telemetry.traces
+        exporter, path = traces.exporter, traces.path
+        if self.options.traces is not None:
+            from ..config.policy import parse_traces  # the CLI flag takes the YAML's syntax
+
+            spec = parse_traces(self.options.traces)
+            exporter, path = spec["exporter"], spec.get("path")
+        file = None
+        if exporter == "file" and path is not None:
+            # A path from --traces is relative to where the command runs, as a shell user expects.
+            file = (Path(path) if self.options.traces else self.loaded.base_dir / path).resolve()
+        return Tracing.setup(
+            exporter,
+            path=file,
+            endpoint=model.telemetry.endpoint,
+            service_name=model.telemetry.service_name or model.name,
+        )
+
+    async def _connect(self, url: str) -> Broker:
+        broker = connect_url(url)
+        try:
+            await asyncio.wait_for(
+                broker.connect(self.options.connect_timeout), self.options.connect_timeout
+            )
+        except (TimeoutError, BrokerError, OSError) as exc:
+            detail = redact_text(str(exc)) or "timed out"
+            raise RunError(
+                f"cannot reach broker {redact_url(url)} within {self.options.connect_timeout:g}s: {detail}",
+                EXIT_FAILURE,
+            ) from None
+        return broker
+
+    def _build(
+        self, broker: Broker, tracing: Tracing
+    ) -> tuple[list[ProducerService], list[ConsumerService]]:
+        model, loaded = self.loaded.model, self.loaded
+        consumers = []
+        threads = sum((model.consumers[n].concurrency or 1) for n in self.consumer_names)
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(threads, 1), thread_name_prefix="edarun-handler"
+        )
+        for name in self.consumer_names:
+            spec = model.consumers[name]
+            stats = self.stats.consumers[name] = ConsumerStats()
+            consumers.append(
+                ConsumerService(
+                    name,
+                    spec,
+                    handler=loaded.resolve(spec.handler),
+                    broker=broker,
+                    tracing=tracing,
+                    stats=stats,
+                    parked=self.stats.parked_events,
+                    executor=self.executor,
+                )
+            )
+        producers = []
+        for name in self.producer_names:
+            spec = model.producers[name]
+            producers.append(
+                ProducerService(
+                    name,
+                    spec,
+                    source_file=loaded.file(spec.source.file) if spec.source.file else None,
+                    source_function=loaded.resolve(spec.source.function)
+                    if spec.source.function
+                    else None,
+                    broker=broker,
+                    tracing=tracing,
+                    stats=self.stats.producers.setdefault(name, ProducerStats()),
+                )
+            )
+        return producers, consumers
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until idle (with --until-idle) or until stopped; returns the exit code."""
+        self.stop_requested = asyncio.Event()
+        self._install_signals()
+        tracing = Tracing()
+        broker: Broker | None = None
+        outcome = "failed"
+        try:
+            url = self.options.broker or self.loaded.model.broker
+            broker = await self._connect(url)
+            tracing = self._tracing()
+            model = self.loaded.model
+            for queue in queues_of(self.loaded):
+                await broker.declare(queue)
+            for name in model.consumers:
+                await broker.declare(dashboard_queue(name))
+            producers, consumers = self._build(broker, tracing)
+            for consumer in consumers:
+                consumer.start(consumer.spec.concurrency or 1)
+            tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
+            for task in tasks:
+                task.add_done_callback(self._producer_done)
+            outcome = await self._watch(broker, consumers)
+            for producer in producers:
+                producer.stopping.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for consumer in consumers:
+                await consumer.drain()
+            await self._sample(broker)
+        except RunError:
+            raise
+        finally:
+            self._remove_signals()
+            if broker is not None:
+                await broker.close()
+            await asyncio.to_thread(tracing.shutdown)
+            if hasattr(self, "executor"):
+                self.executor.shutdown(wait=False)
+            self._write_report(outcome)
+            if self.options.view is not None:
+                self.options.view.close(self.stats, outcome)
+        if outcome == "interrupted":
+            return EXIT_INTERRUPTED
+        return EXIT_FAILURE if self.failed else EXIT_OK
+
+    def _producer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.failed.append(task.get_name())
+            log.error(
+                "producer %s failed: %s: %s",
+                task.get_name(),
+                type(exc).__name__,
+                redact_text(str(exc)),
+            )
+
+    async def _sample(self, broker: Broker) -> dict[str, int]:
+        depths = {}
+        for queue in queues_of(self.loaded):
+            depth = await broker.depth(queue)
+            self.stats.observe_depth(queue, depth.ready)
+            depths[queue] = depth.total
+        return depths
+
+    async def _watch(self, broker: Broker, consumers: list[ConsumerService]) -> str:
+        assert self.stop_requested is not None
+        consumed = {c.queue for c in consumers}
+        view = self.options.view
+        while True:
+            depths = await self._sample(broker)
+            if view is not None:
+                view.update(self.stats)
+            if self.stop_requested.is_set():
+                return "interrupted"
+            if self.options.until_idle and self._idle(depths, consumed, consumers):
+                return "failed" if self.failed else "idle"
+            try:
+                await asyncio.wait_for(self.stop_requested.wait(), _POLL)
+            except TimeoutError:
+                pass
+
+    def _idle(
+        self, depths: dict[str, int], consumed: set[str], consumers: list[ConsumerService]
+    ) -> bool:
+        if not all(p.done for p in self.stats.producers.values()):
+            return False
+        if any(depths.get(q, 0) for q in consumed):
+            return False
+        return all(c.stats.in_flight == 0 and not c.retries.pending for c in consumers)
+
+    # -- signals and report ---------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self.stop_requested is not None:
+            self.stop_requested.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):
+                pass  # not the main thread (tests): stop with request_stop()
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+    def _write_report(self, outcome: str) -> None:
+        if self.options.report is None:
+            return
+        report = self.stats.report(outcome)
+        self.options.report.parent.mkdir(parents=True, exist_ok=True)
+        self.options.report.write_text(
+            redact_text(json.dumps(report, indent=2, default=str)) + "\n"
+        )

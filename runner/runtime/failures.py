@@ -1,0 +1,119 @@
+"""The default error policies: `retry(N)` with exponential back-off, then parked; `dead_letter`.
+
+A retry is a copy of the event published back to the consumer's queue with `attempt` + 1 after the
+back-off; the failed delivery stays unacknowledged until that copy is confirmed, so a crash during
+the back-off redelivers it instead of losing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+
+from ..config.models import OnError
+from ..types import CallNext, Envelope, Layer
+from .dashboard import Dashboard
+from .publisher import ATTEMPT
+from .stats import ConsumerStats
+
+log = logging.getLogger("edarun.consumer")
+
+
+def describe(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno})" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class Retries:
+    """Back-off timers owned by one consumer; `flush` on drain republishes them at once."""
+
+    def __init__(self) -> None:
+        self.pending: set[asyncio.Task[None]] = set()
+        self.draining = asyncio.Event()
+
+    def start(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def wait(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self.draining.wait(), delay)
+        except TimeoutError:
+            pass
+
+    async def flush(self) -> None:
+        self.draining.set()
+        if self.pending:
+            await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+def on_error(
+    policy: OnError, *, dashboard: Dashboard, stats: ConsumerStats, retries: Retries, republish
+) -> Layer:  # type: ignore[no-untyped-def]
+    """The layer that turns a handler failure into a retry or a parked event."""
+
+    async def retry_later(envelope: Envelope, delay: float, acked: bool) -> None:
+        await retries.wait(delay)
+        delivery = envelope.delivery
+        headers = {
+            k: v for k, v in delivery.headers.items() if k not in ("traceparent", "tracestate")
+        }
+        headers[ATTEMPT] = envelope.attempt + 1
+        try:
+            await republish(delivery.queue, delivery.body, delivery.message_id, headers)
+        except Exception as exc:
+            # The broker refused the copy: the original goes back instead, or, when it was
+            # already acknowledged (at_most_once), to the dashboard.
+            log.warning(
+                "%s: retry of %s not published (%s)", dashboard.consumer, delivery.message_id, exc
+            )
+            if acked:
+                await dashboard.park(
+                    delivery,
+                    f"retry not published: {exc}",
+                    envelope.attempt,
+                    delivery.message_id,
+                    ack=False,
+                )
+            else:
+                await delivery.nack(requeue=True)
+            return
+        if not acked:
+            await delivery.ack()
+
+    async def handle_failure(envelope: Envelope, call_next: CallNext) -> None:
+        try:
+            await call_next(envelope)
+            return
+        except Exception as exc:
+            error = describe(exc)
+        stats.failed += 1
+        attempt = envelope.attempt
+        delivery = envelope.delivery
+        acked, envelope.settled = envelope.settled, True
+        if policy.action == "retry" and attempt <= policy.retries:
+            stats.retried += 1
+            delay = min(policy.backoff * 2 ** (attempt - 1), policy.max_backoff)
+            log.info(
+                "%s: %s failed at attempt %d (%s); retry in %.2fs",
+                dashboard.consumer,
+                delivery.message_id,
+                attempt,
+                error,
+                delay,
+            )
+            retries.start(retry_later(envelope, delay, acked))
+            return
+        log.warning(
+            "%s: %s parked after %d attempt(s): %s",
+            dashboard.consumer,
+            delivery.message_id,
+            attempt,
+            error,
+        )
+        await dashboard.park(delivery, error, attempt, delivery.message_id, ack=not acked)
+
+    return handle_failure

@@ -1,0 +1,47 @@
+"""`edarun send`: one event into a queue of a pipeline's broker, as a new trace."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..brokers import BrokerError, connect_url
+from ..config.loader import LoadedPipeline
+from ..redact import redact_text, redact_url
+from ..telemetry import Tracing
+from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queues_of
+from .publisher import Publisher
+
+
+async def send(
+    loaded: LoadedPipeline,
+    queue: str,
+    event: dict[str, Any],
+    broker_url: str | None,
+    timeout: float,
+) -> str:
+    url = broker_url or loaded.model.broker
+    if url == "memory":
+        raise RunError(
+            "the memory broker lives inside one `edarun up` process; `send` needs a broker it can "
+            "reach (--broker amqp://… or broker: in the pipeline)",
+            EXIT_INVALID,
+        )
+    if queue not in queues_of(loaded):
+        raise RunError(f"queue {queue!r} is not named in {loaded.path}", EXIT_INVALID)
+    broker = connect_url(url)
+    try:
+        await asyncio.wait_for(broker.connect(timeout), timeout)
+    except (TimeoutError, BrokerError, OSError) as exc:
+        raise RunError(
+            f"cannot reach broker {redact_url(url)}: {redact_text(str(exc)) or 'timed out'}",
+            EXIT_FAILURE,
+        ) from None
+    tracing = Tracing()
+    try:
+        await broker.declare(queue)
+        return await Publisher(broker, tracing, service="edarun-send").publish(
+            queue, event, root=True
+        )
+    finally:
+        await broker.close()

@@ -1,0 +1,76 @@
+"""Counters of a run, owned by the services that count, read by the live view and the report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ProducerStats:
+    published: int = 0
+    rejected: int = 0
+    done: bool = False
+
+
+@dataclass
+class ConsumerStats:
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    repaired: int = 0
+    parked: int = 0
+    consumers: int = 0
+    max_consumers: int = 0
+    restarts: int = 0
+    in_flight: int = 0
+    handler_seconds: float = 0.0
+
+
+@dataclass
+class RunStats:
+    pipeline: str
+    started: float = field(default_factory=time.monotonic)
+    producers: dict[str, ProducerStats] = field(default_factory=dict)
+    consumers: dict[str, ConsumerStats] = field(default_factory=dict)
+    max_depth: dict[str, int] = field(default_factory=dict)
+    depth: dict[str, int] = field(default_factory=dict)
+    flow: list[dict[str, Any]] = field(default_factory=list)
+    parked_events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def observe_depth(self, queue: str, depth: int) -> None:
+        self.depth[queue] = depth
+        if depth >= self.max_depth.get(queue, 0):
+            self.max_depth[queue] = depth
+
+    def report(self, outcome: str) -> dict[str, Any]:
+        """The `--report` document: SPEC §4 fields first, extra keys after."""
+        return {
+            "pipeline": self.pipeline,
+            "elapsed_s": round(self.elapsed, 3),
+            "producers": {
+                name: {"published": s.published, "rejected": s.rejected}
+                for name, s in self.producers.items()
+            },
+            "consumers": {
+                name: {
+                    "processed": s.processed,
+                    "failed": s.failed,
+                    "retried": s.retried,
+                    "repaired": s.repaired,
+                    "parked": s.parked,
+                    "max_consumers": s.max_consumers,
+                    "restarts": s.restarts,
+                }
+                for name, s in self.consumers.items()
+            },
+            "queues": {name: {"max_depth": d} for name, d in sorted(self.max_depth.items())},
+            "flow": self.flow,
+            "outcome": outcome,
+            "parked_events": self.parked_events,
+        }

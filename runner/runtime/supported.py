@@ -1,0 +1,44 @@
+"""Policies the pipeline file accepts whose runtime has not landed yet: refused before start, by name.
+
+`validate` accepts them (the file format is complete); `up` says plainly which ones it cannot run,
+rather than running the pipeline without them.
+"""
+
+from __future__ import annotations
+
+from ..config.models import Pipeline
+
+
+def unsupported(model: Pipeline) -> list[str]:
+    problems: list[str] = []
+
+    def refuse(where: str, what: str) -> None:
+        problems.append(f"{where}: {what} is not supported by this version of edarun yet")
+
+    if model.brokers:
+        refuse("brokers", "multi-broker (pattern 9)")
+    for name, queue in model.queues.items():
+        if queue.flow_control:
+            refuse(f"queues.{name}.flow_control", "producer control flow (pattern 8)")
+    for name, producer in model.producers.items():
+        if producer.route:
+            refuse(f"producers.{name}.route", "contextual queue routing (pattern 6)")
+        if producer.priority:
+            refuse(f"producers.{name}.priority", "priority marking (pattern 3)")
+    for name, consumer in model.consumers.items():
+        where = f"consumers.{name}"
+        if consumer.ordering:
+            refuse(f"{where}.ordering", "thread delegate (pattern 2)")
+        if consumer.autoscale:
+            refuse(f"{where}.autoscale", "supervisor consumer (pattern 5)")
+        if consumer.priority_lane:
+            refuse(f"{where}.priority_lane", "ambulance / carpool (pattern 3)")
+        if consumer.on_error.action == "workflow":
+            refuse(f"{where}.on_error", "workflow event (pattern 7)")
+        if consumer.watch:
+            refuse(f"{where}.watch", "watch notification (pattern 4)")
+        if consumer.dedupe:
+            refuse(f"{where}.dedupe", "dedupe")
+        if consumer.instances > 1:
+            refuse(f"{where}.instances", "several consumer processes")
+    return problems

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -76,18 +76,12 @@ def validate(pipeline: PipelineArg) -> None:
 def up(
     pipeline: PipelineArg,
     broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
-    until_idle: Annotated[
-        bool, typer.Option("--until-idle", help="exit 0 once all work is done")
-    ] = False,
-    only: Annotated[
-        list[str] | None, typer.Option(help="run only these services (repeatable)")
-    ] = None,
+    until_idle: Annotated[bool, typer.Option("--until-idle", help="exit 0 once all work is done")] = False,
+    only: Annotated[list[str] | None, typer.Option(help="run only these services (repeatable)")] = None,
     reload: Annotated[
         bool, typer.Option("--reload", help="apply edited policies to running services")
     ] = False,
-    report: Annotated[
-        Path | None, typer.Option(help="write a JSON summary here when up ends")
-    ] = None,
+    report: Annotated[Path | None, typer.Option(help="write a JSON summary here when up ends")] = None,
     traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
@@ -98,9 +92,7 @@ def up(
 
     loaded = _load(pipeline)
     if reload:
-        _fail(
-            "--reload needs watch notification (pattern 4), which this version does not run yet", 2
-        )
+        _fail("--reload needs watch notification (pattern 4), which this version does not run yet", 2)
     if traces is not None:
         from .config.policy import PolicySyntaxError, parse_traces
 
@@ -144,7 +136,7 @@ def schema() -> None:
     out.print(json.dumps(pipeline_schema(), indent=2), markup=False)
 
 
-class GraphFormat(str, Enum):
+class GraphFormat(StrEnum):
     mermaid = "mermaid"
     dot = "dot"
 
@@ -152,9 +144,7 @@ class GraphFormat(str, Enum):
 @app.command()
 def graph(
     pipeline: PipelineArg,
-    format: Annotated[
-        GraphFormat, typer.Option("--format", help="mermaid or dot")
-    ] = GraphFormat.mermaid,
+    format: Annotated[GraphFormat, typer.Option("--format", help="mermaid or dot")] = GraphFormat.mermaid,
 ) -> None:
     """Print the topology: producers, queues, consumers, emit edges, dashboard queues."""
     from . import graph as topology

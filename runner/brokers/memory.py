@@ -65,7 +65,8 @@ class _Queue:
 
     def put(self, item: _Item) -> None:
         self.ready.append(item)
-        self._wake()
+        if self.waiting:
+            self._wake()
 
     def put_back(self, items: list[_Item]) -> None:
         self.ready.extendleft(reversed(items))
@@ -124,9 +125,7 @@ class MemorySubscription:
     def settled(self, item: _Item) -> None:
         self.unacked.pop(id(item), None)
         if self._signal is not None and self not in self.queue.waiting:
-            self.wake()  # room again: look at the queue
-        elif self.queue.ready and self.queue.waiting:
-            self.queue._wake()
+            self.wake()  # it was full and waits for room: look at the queue again
 
     async def cancel(self) -> None:
         self._cancelled = True

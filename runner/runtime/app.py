@@ -8,6 +8,7 @@ read hold nothing ready or unacknowledged, nothing is in flight and no retry is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -91,6 +92,7 @@ class Runner:
         self.stop_requested: asyncio.Event | None = None
         self.interrupted = False
         self.failed: list[str] = []
+        self.started = False
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -115,11 +117,9 @@ class Runner:
         )
 
     async def _connect(self, url: str) -> Broker:
-        broker = connect_url(url)
         try:
-            await asyncio.wait_for(
-                broker.connect(self.options.connect_timeout), self.options.connect_timeout
-            )
+            broker = connect_url(url)
+            await asyncio.wait_for(broker.connect(self.options.connect_timeout), self.options.connect_timeout)
         except (TimeoutError, BrokerError, OSError) as exc:
             detail = redact_text(str(exc)) or "timed out"
             raise RunError(
@@ -128,15 +128,11 @@ class Runner:
             ) from None
         return broker
 
-    def _build(
-        self, broker: Broker, tracing: Tracing
-    ) -> tuple[list[ProducerService], list[ConsumerService]]:
+    def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[ConsumerService]]:
         model, loaded = self.loaded.model, self.loaded
         consumers = []
         threads = sum((model.consumers[n].concurrency or 1) for n in self.consumer_names)
-        self.executor = ThreadPoolExecutor(
-            max_workers=max(threads, 1), thread_name_prefix="edarun-handler"
-        )
+        self.executor = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="edarun-handler")
         for name in self.consumer_names:
             spec = model.consumers[name]
             stats = self.stats.consumers[name] = ConsumerStats()
@@ -160,9 +156,7 @@ class Runner:
                     name,
                     spec,
                     source_file=loaded.file(spec.source.file) if spec.source.file else None,
-                    source_function=loaded.resolve(spec.source.function)
-                    if spec.source.function
-                    else None,
+                    source_function=loaded.resolve(spec.source.function) if spec.source.function else None,
                     broker=broker,
                     tracing=tracing,
                     stats=self.stats.producers.setdefault(name, ProducerStats()),
@@ -189,6 +183,7 @@ class Runner:
             for name in model.consumers:
                 await broker.declare(dashboard_queue(name))
             producers, consumers = self._build(broker, tracing)
+            self.started = True
             for consumer in consumers:
                 consumer.start(consumer.spec.concurrency or 1)
             tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
@@ -211,7 +206,7 @@ class Runner:
             if hasattr(self, "executor"):
                 self.executor.shutdown(wait=False)
             self._write_report(outcome)
-            if self.options.view is not None:
+            if self.options.view is not None and self.started:
                 self.options.view.close(self.stats, outcome)
         if outcome == "interrupted":
             return EXIT_INTERRUPTED
@@ -248,14 +243,10 @@ class Runner:
                 return "interrupted"
             if self.options.until_idle and self._idle(depths, consumed, consumers):
                 return "failed" if self.failed else "idle"
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_requested.wait(), _POLL)
-            except TimeoutError:
-                pass
 
-    def _idle(
-        self, depths: dict[str, int], consumed: set[str], consumers: list[ConsumerService]
-    ) -> bool:
+    def _idle(self, depths: dict[str, int], consumed: set[str], consumers: list[ConsumerService]) -> bool:
         if not all(p.done for p in self.stats.producers.values()):
             return False
         if any(depths.get(q, 0) for q in consumed):
@@ -271,24 +262,19 @@ class Runner:
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # Outside the main thread (tests) there are no signal handlers: use request_stop().
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
-            except (NotImplementedError, RuntimeError):
-                pass  # not the main thread (tests): stop with request_stop()
 
     def _remove_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
-                pass
 
     def _write_report(self, outcome: str) -> None:
         if self.options.report is None:
             return
         report = self.stats.report(outcome)
         self.options.report.parent.mkdir(parents=True, exist_ok=True)
-        self.options.report.write_text(
-            redact_text(json.dumps(report, indent=2, default=str)) + "\n"
-        )
+        self.options.report.write_text(redact_text(json.dumps(report, indent=2, default=str)) + "\n")

@@ -67,14 +67,13 @@ class ConsumerService:
         self.prefetch = spec.prefetch or DEFAULT_PREFETCH
         self.workers: dict[int, asyncio.Task[None]] = {}
         self.subscriptions: dict[int, Subscription] = {}
-        self.busy: set[int] = set()
         self._process = self.build_stack()
 
     # -- the consume stack ---------------------------------------------------------------------
 
     def build_stack(self) -> CallNext:
         layers: list[Layer] = [
-            self._trace,
+            *([self._trace] if self.tracing.enabled else []),
             forwarding(self.spec.delivery),
             self._decode,
             on_error(
@@ -91,9 +90,6 @@ class ConsumerService:
         return call
 
     async def _trace(self, envelope: Envelope, call_next: CallNext) -> None:
-        if not self.tracing.enabled:
-            await call_next(envelope)
-            return
         delivery = envelope.delivery
         with self.tracing.consume_span(
             delivery.queue,
@@ -128,15 +124,15 @@ class ConsumerService:
     async def _invoke(self, envelope: Envelope) -> None:
         delivery = envelope.delivery
         ctx = envelope.ctx = Context(
-            queue=delivery.queue,
-            consumer=self.name,
-            worker=envelope.worker,
-            attempt=envelope.attempt,
-            redelivered=delivery.redelivered,
-            message_id=delivery.message_id,
-            broker=self.broker.url,
-            log=self.log,
-            span=envelope.span,
+            delivery.queue,
+            self.name,
+            envelope.worker,
+            envelope.attempt,
+            delivery.redelivered,
+            delivery.message_id,
+            self.broker.url,
+            self.log,
+            envelope.span,
             config=self.config,
         )
         event = envelope.event
@@ -157,17 +153,13 @@ class ConsumerService:
                 )
             if self.spec.emit is None:
                 if emitted:
-                    self.log.debug(
-                        "return value of %s ignored: the consumer has no 'emit'", self.name
-                    )
+                    self.log.debug("return value of %s ignored: the consumer has no 'emit'", self.name)
             else:
                 outbox = [*((self.spec.emit, e, False) for e in emitted), *outbox]
         for queue, out, priority in outbox:
             await self.publisher.publish(queue, out, priority=priority)
 
-    async def _republish(
-        self, queue: str, body: bytes, message_id: str, headers: dict[str, Any]
-    ) -> None:
+    async def _republish(self, queue: str, body: bytes, message_id: str, headers: dict[str, Any]) -> None:
         await self.publisher.send(queue, body, message_id, headers)
 
     # -- workers -------------------------------------------------------------------------------
@@ -175,9 +167,7 @@ class ConsumerService:
     def start(self, count: int) -> None:
         for _ in range(count):
             worker = max(self.workers, default=0) + 1
-            self.workers[worker] = asyncio.create_task(
-                self._supervised(worker), name=f"{self.name}#{worker}"
-            )
+            self.workers[worker] = asyncio.create_task(self._supervised(worker), name=f"{self.name}#{worker}")
         self.stats.consumers = len(self.workers)
         self.stats.max_consumers = max(self.stats.max_consumers, self.stats.consumers)
 
@@ -188,9 +178,9 @@ class ConsumerService:
             try:
                 await self._work(worker)
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
                 raise
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit from a handler too: that worker died
                 subscription = self.subscriptions.pop(worker, None)
                 if subscription is not None:
                     await subscription.close()  # what it held goes back to the queue
@@ -215,12 +205,10 @@ class ConsumerService:
             attempt = delivery.headers.get(ATTEMPT, 1)
             envelope = Envelope(delivery, worker, attempt if isinstance(attempt, int) else 1)
             stats.in_flight += 1
-            self.busy.add(worker)
             try:
                 await process(envelope)
             finally:
                 stats.in_flight -= 1
-                self.busy.discard(worker)
 
     async def drain(self) -> None:
         """Stop taking deliveries, let in-flight calls finish and acknowledge, flush retries."""

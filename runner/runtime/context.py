@@ -24,7 +24,6 @@ class Context:
 
     def __init__(
         self,
-        *,
         queue: str,
         consumer: str,
         worker: int,
@@ -34,6 +33,7 @@ class Context:
         broker: str,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
         span: Any = None,
+        *,
         context: Any = None,
         lane: str = "standard",
         config: Mapping[str, Any] = EMPTY_CONFIG,
@@ -70,9 +70,7 @@ class SourceContext:
 
     __slots__ = ("config", "log", "producer")
 
-    def __init__(
-        self, producer: str, log: logging.Logger, config: Mapping[str, Any] = EMPTY_CONFIG
-    ) -> None:
+    def __init__(self, producer: str, log: logging.Logger, config: Mapping[str, Any] = EMPTY_CONFIG) -> None:
         self.producer = producer
         self.log = log
         self.config = config

@@ -8,6 +8,7 @@ the back-off redelivers it instead of losing it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 
@@ -39,10 +40,8 @@ class Retries:
         task.add_done_callback(self.pending.discard)
 
     async def wait(self, delay: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.draining.wait(), delay)
-        except TimeoutError:
-            pass
 
     async def flush(self) -> None:
         self.draining.set()
@@ -58,18 +57,14 @@ def on_error(
     async def retry_later(envelope: Envelope, delay: float, acked: bool) -> None:
         await retries.wait(delay)
         delivery = envelope.delivery
-        headers = {
-            k: v for k, v in delivery.headers.items() if k not in ("traceparent", "tracestate")
-        }
+        headers = {k: v for k, v in delivery.headers.items() if k not in ("traceparent", "tracestate")}
         headers[ATTEMPT] = envelope.attempt + 1
         try:
             await republish(delivery.queue, delivery.body, delivery.message_id, headers)
         except Exception as exc:
             # The broker refused the copy: the original goes back instead, or, when it was
             # already acknowledged (at_most_once), to the dashboard.
-            log.warning(
-                "%s: retry of %s not published (%s)", dashboard.consumer, delivery.message_id, exc
-            )
+            log.warning("%s: retry of %s not published (%s)", dashboard.consumer, delivery.message_id, exc)
             if acked:
                 await dashboard.park(
                     delivery,

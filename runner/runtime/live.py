@@ -42,9 +42,7 @@ def table(stats: RunStats, rates: _Rates) -> Table:
         "retried",
         "parked",
     ):
-        grid.add_column(
-            column, justify="left" if column in ("service", "kind", "queue / state") else "right"
-        )
+        grid.add_column(column, justify="left" if column in ("service", "kind", "queue / state") else "right")
     for name, p in stats.producers.items():
         state = "exhausted" if p.done else "publishing"
         grid.add_row(name, "producer", state, "", "", str(p.published), "", str(p.rejected), "", "")

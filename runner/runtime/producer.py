@@ -47,9 +47,7 @@ class ProducerService:
         interval = 1.0 / spec.rate if spec.rate else 0.0
         next_at = loop.time()
         taken = 0
-        source = open_source(
-            self.source_file, self.source_function, SourceContext(self.name, self.log)
-        )
+        source = open_source(self.source_file, self.source_function, SourceContext(self.name, self.log))
         try:
             async for item in source:
                 if self.stopping.is_set():
@@ -58,8 +56,8 @@ class ProducerService:
                 if isinstance(item, SourceError):
                     stats.rejected += 1
                     self.log.error("%s: event rejected: %s", self.name, item)
-                elif await self._publish(item):
-                    stats.published += 1
+                else:
+                    await self._publish(item)
                 if spec.count is not None and taken >= spec.count:
                     break
                 if interval:
@@ -74,11 +72,11 @@ class ProducerService:
             await source.aclose()  # type: ignore[attr-defined]
             stats.done = True
 
-    async def _publish(self, event: dict[str, Any]) -> bool:
+    async def _publish(self, event: dict[str, Any]) -> None:
         try:
             await self.publisher.publish(self.target(event), event, root=True)
         except (PublishError, BrokerError) as exc:
             self.stats.rejected += 1
             self.log.error("%s: publish failed: %s", self.name, exc)
-            return False
-        return True
+        else:
+            self.stats.published += 1

@@ -25,11 +25,11 @@ class Publisher:
         self.tracing = tracing
         self.service = service
         # Unique without a uuid4 per message: a per-process random prefix and a counter.
-        self._prefix = os.urandom(6).hex()
+        self._prefix = os.urandom(6).hex() + "-"
         self._ids = count(1)
 
     def new_id(self) -> str:
-        return f"{self._prefix}-{next(self._ids)}"
+        return self._prefix + str(next(self._ids))
 
     async def publish(
         self,
@@ -47,11 +47,14 @@ class Publisher:
             body = orjson.dumps(event)
         except TypeError as exc:
             raise PublishError(f"event for {queue!r} is not JSON-serialisable: {exc}") from None
-        message_id = message_id or self.new_id()
+        message_id = message_id or self._prefix + str(next(self._ids))
         headers = {} if headers is None else headers
         if priority:
             headers[PRIORITY] = True
-        await self.send(queue, body, message_id, headers, root=root, persistent=persistent)
+        if self.tracing.enabled:
+            await self.send(queue, body, message_id, headers, root=root, persistent=persistent)
+        else:  # the hot path without tracing: one call less per event
+            await self.broker.publish(queue, Message(body, message_id, headers, persistent))
         return message_id
 
     async def send(

@@ -40,8 +40,6 @@ async def send(
     tracing = Tracing()
     try:
         await broker.declare(queue)
-        return await Publisher(broker, tracing, service="edarun-send").publish(
-            queue, event, root=True
-        )
+        return await Publisher(broker, tracing, service="edarun-send").publish(queue, event, root=True)
     finally:
         await broker.close()

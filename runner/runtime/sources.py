@@ -38,9 +38,7 @@ async def jsonl_events(path: Path) -> AsyncIterator[dict[str, Any] | SourceError
                 yield SourceError(f"{path}:{number}: not JSON: {exc}")
                 continue
             if not isinstance(event, dict):
-                yield SourceError(
-                    f"{path}:{number}: expected a JSON object, got {type(event).__name__}"
-                )
+                yield SourceError(f"{path}:{number}: expected a JSON object, got {type(event).__name__}")
                 continue
             yield event
 
@@ -48,10 +46,7 @@ async def jsonl_events(path: Path) -> AsyncIterator[dict[str, Any] | SourceError
 async def csv_events(path: Path) -> AsyncIterator[dict[str, Any] | SourceError]:
     with path.open(newline="", encoding="utf-8") as rows:
         for row in csv.DictReader(rows):
-            yield {
-                key: _number(value) if isinstance(value, str) else value
-                for key, value in row.items()
-            }
+            yield {key: _number(value) if isinstance(value, str) else value for key, value in row.items()}
 
 
 async def function_events(
@@ -74,9 +69,7 @@ async def function_events(
                 else SourceError(f"yielded {type(event).__name__}, expected a dict")
             )
     else:
-        raise SourceError(
-            f"{function.__qualname__} returned {type(produced).__name__}, expected a generator"
-        )
+        raise SourceError(f"{function.__qualname__} returned {type(produced).__name__}, expected a generator")
 
 
 def open_source(

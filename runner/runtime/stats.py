@@ -54,8 +54,7 @@ class RunStats:
             "pipeline": self.pipeline,
             "elapsed_s": round(self.elapsed, 3),
             "producers": {
-                name: {"published": s.published, "rejected": s.rejected}
-                for name, s in self.producers.items()
+                name: {"published": s.published, "rejected": s.rejected} for name, s in self.producers.items()
             },
             "consumers": {
                 name: {

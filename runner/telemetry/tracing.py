@@ -24,6 +24,8 @@ from runner.redact import redact_text
 from runner.telemetry.exporters import EXPORT_TIMEOUT_S, DeadlineExporter, make_exporter
 
 TRACES_SETTINGS = ("none", "console", "otlp", "file")
+_MAX_QUEUE = 65_536
+_BATCH = 2_048
 
 # Shared by every disabled call: tracing off must cost one attribute check and nothing else.
 _NOOP: AbstractContextManager[None] = nullcontext()
@@ -147,7 +149,13 @@ class Tracing:
         # Never the global provider: several pipelines may run in one process, each with its own.
         provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
         provider.add_span_processor(
-            BatchSpanProcessor(exporter, schedule_delay_millis=_SCHEDULE_DELAY_MS)
+            # A deep queue: a burst of events must not drop spans while the exporter catches up.
+            BatchSpanProcessor(
+                exporter,
+                schedule_delay_millis=_SCHEDULE_DELAY_MS,
+                max_queue_size=_MAX_QUEUE,
+                max_export_batch_size=_BATCH,
+            )
         )
         tracing = cls(provider, exporter)
         # A run that ends without shutdown (a crash) still flushes what it traced.

@@ -1,0 +1,192 @@
+"""The edarun command line, driven as a user drives it: a subprocess per command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from runner.traces_view import load_traces
+
+
+def edarun(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def two_stage(factory, jsonl, count: int = 20, extra: str = "") -> Path:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": i} for i in range(count)])
+    mod = factory.module(
+        "two",
+        """
+        def first(event, ctx):
+            return {"n": event["n"], "stage": 2}
+
+        async def second(event, ctx):
+            return None
+        """,
+    )
+    return factory.pipeline(
+        f"""
+        version: 1
+        name: two-stage
+        plugins: [plugins]
+        {extra}
+        producers:
+          feed: {{source: file(events.jsonl), to: orders}}
+        consumers:
+          first: {{from: orders, handler: "{mod}:first", emit: confirmations}}
+          second: {{from: confirmations, handler: "{mod}:second"}}
+        """
+    )
+
+
+def test_up_until_idle_writes_report(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl)
+    result = edarun("up", str(path), "--until-idle", "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["producers"]["feed"] == {"published": 20, "rejected": 0}
+    assert report["consumers"]["second"]["processed"] == 20
+    assert "Traceback" not in result.stderr
+
+
+def test_trace_file_joins_producer_and_consumer_spans(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl)
+    traces = tmp_path / "traces.jsonl"
+    result = edarun("up", str(path), "--until-idle", "--traces", f"file({traces})")
+    assert result.returncode == 0, result.stderr
+    found = load_traces(traces)
+    assert len(found) == 20
+    for spans in found.values():
+        kinds = sorted(s["kind"] for s in spans)
+        assert kinds.count(4) == 2 and kinds.count(5) == 2, kinds  # 2 PRODUCER, 2 CONSUMER
+        by_id = {s["spanId"]: s for s in spans}
+        roots = [s for s in spans if not s.get("parentSpanId")]
+        assert len(roots) == 1 and roots[0]["name"] == "send orders"
+        for span in spans:
+            if span["kind"] == 5:  # each consumer span is the child of the producer span
+                assert by_id[span["parentSpanId"]]["kind"] == 4
+                assert span["attributes"]["messaging.operation.type"] == "process"
+        emit = next(s for s in spans if s["name"] == "send confirmations")
+        assert by_id[emit["parentSpanId"]]["name"] == "process orders"
+    printed = edarun("traces", str(traces))
+    assert printed.returncode == 0 and "process confirmations" in printed.stdout
+
+
+def test_traces_setting_in_the_file_is_relative_to_it(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=3, extra="telemetry: {traces: file(out/t.jsonl)}")
+    result = edarun("up", str(path), "--until-idle", cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
+    assert len(load_traces(path.parent / "out" / "t.jsonl")) == 3
+
+
+def test_sigterm_drains_and_reports(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": i} for i in range(1000)])
+    mod = factory.module(
+        "slow",
+        """
+        import time
+
+        def handle(event, ctx):
+            time.sleep(0.02)
+        """,
+    )
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: slow
+        plugins: [plugins]
+        producers:
+          feed: {{source: file(events.jsonl), to: work}}
+        consumers:
+          worker: {{from: work, handler: "{mod}:handle", concurrency: 2}}
+        """
+    )
+    report = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "up", str(path), "--report", str(report)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "processed=" not in (proc.stderr.readline() or ""):
+        pass
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    data = json.loads(report.read_text())
+    assert data["outcome"] == "interrupted"
+    assert 0 < data["consumers"]["worker"]["processed"] < 1000
+    assert "Traceback" not in err
+
+
+def test_unreachable_or_unsupported_broker_is_one_line(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    result = edarun("up", str(path), "--broker", "amqp://bob:hunter2@127.0.0.1:1/", "--connect-timeout", "2")
+    assert result.returncode == 1
+    assert "hunter2" not in result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_exit_2(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    assert edarun("up", str(path), "--only", "nobody").returncode == 2
+    assert edarun("up", str(path), "--traces", "sometimes").returncode == 2
+    assert edarun("up", str(path), "--broker", "redis://x").returncode == 2
+    assert edarun("up", str(path), "--bogus-flag").returncode == 2
+    sent = edarun("send", str(path), "orders", '{"n": 1}')
+    assert sent.returncode == 2 and "memory broker" in sent.stderr
+
+
+def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": 1}])
+    mod = factory.module("h", "def handle(event, ctx):\n    return None\n")
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: later
+        plugins: [plugins]
+        producers:
+          feed: {{source: file(events.jsonl), to: work}}
+        consumers:
+          worker: {{from: work, handler: "{mod}:handle", ordering: by_context(account), concurrency: 2}}
+        """
+    )
+    assert edarun("validate", str(path)).returncode == 0
+    result = edarun("up", str(path), "--until-idle")
+    assert result.returncode == 2
+    assert "consumers.worker.ordering" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_graph_schema_and_redaction(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    text = path.read_text().replace(
+        "plugins: [plugins]", "plugins: [plugins]\nbroker: amqp://bob:hunter2@rabbit:5672/"
+    )
+    path.write_text(text)
+    mermaid = edarun("graph", str(path))
+    assert mermaid.returncode == 0, mermaid.stderr
+    assert mermaid.stdout.startswith("flowchart LR")
+    for node in ("feed", "orders", "first", "confirmations", "second", "first.dashboard"):
+        assert f'"{node}"' in mermaid.stdout
+    assert "hunter2" not in mermaid.stdout and "bob:***@rabbit" in mermaid.stdout
+    dot = edarun("graph", str(path), "--format", "dot")
+    assert dot.returncode == 0 and dot.stdout.startswith('digraph "two-stage"')
+    assert "q_orders -> c_first" in dot.stdout and "hunter2" not in dot.stdout
+    validate = edarun("validate", str(path))
+    assert "hunter2" not in validate.stdout + validate.stderr
+    schema = json.loads(edarun("schema").stdout)
+    assert "consumers" in schema["properties"]

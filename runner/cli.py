@@ -87,7 +87,7 @@ def up(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Run a pipeline: its producers, queues and consumers on the broker."""
-    from .runtime import RunError, RunOptions, run_pipeline
+    from .runtime.app import RunError, RunOptions, run_pipeline
     from .runtime.live import LiveView, LogView
 
     loaded = _load(pipeline)
@@ -163,7 +163,8 @@ def send(
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
 ) -> None:
     """Publish one JSON event to a queue of a pipeline's broker."""
-    from .runtime import RunError, send_event
+    from .runtime.app import RunError
+    from .runtime.send import send_event
 
     loaded = _load(pipeline)
     try:

@@ -25,6 +25,4 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """Redact every `scheme://user:password@` found anywhere in free text (log lines, errors)."""
-    return _URL_WITH_USERINFO.sub(
-        lambda m: f"{m.group(1)}{m.group(2)}{':***' if m.group(3) else ''}@", text
-    )
+    return _URL_WITH_USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}{':***' if m.group(3) else ''}@", text)

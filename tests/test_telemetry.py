@@ -37,9 +37,7 @@ async def _two_stage_flow(tracing: Tracing, events: int) -> None:
 
     async def one(n: int) -> None:
         headers_a: dict[str, str] = {}
-        with tracing.publish_span(
-            "a", message_id=f"a-{n}", headers=headers_a, system="memory", root=True
-        ):
+        with tracing.publish_span("a", message_id=f"a-{n}", headers=headers_a, system="memory", root=True):
             await asyncio.sleep(0)
         with tracing.consume_span(
             "a",
@@ -115,10 +113,7 @@ def test_file_lines_are_otlp_json_requests(traced_file: Path) -> None:
 
 def test_messaging_attribute_names(traced_file: Path) -> None:
     names = {
-        key
-        for span in _all_spans(traced_file)
-        for key in span["attributes"]
-        if key.startswith("messaging.")
+        key for span in _all_spans(traced_file) for key in span["attributes"] if key.startswith("messaging.")
     }
     assert names == MESSAGING_ATTRIBUTES
 
@@ -160,9 +155,7 @@ def test_disabled_tracing_is_a_no_op() -> None:
     tracing = Tracing.setup("none")
     assert not tracing.enabled
     headers: dict[str, str] = {}
-    with tracing.publish_span(
-        "a", message_id="1", headers=headers, system="memory", root=True
-    ) as span:
+    with tracing.publish_span("a", message_id="1", headers=headers, system="memory", root=True) as span:
         assert span is None
     with tracing.consume_span("a", message_id="1", headers=headers, system="memory") as span:
         assert span is None
@@ -181,9 +174,7 @@ def test_shutdown_is_idempotent_and_stops_tracing(tmp_path: Path) -> None:
 def test_console_traces_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     tracing = Tracing.setup("console")
     headers: dict[str, str] = {}
-    with tracing.publish_span(
-        "orders", message_id="7", headers=headers, system="memory", root=True
-    ):
+    with tracing.publish_span("orders", message_id="7", headers=headers, system="memory", root=True):
         pass
     tracing.shutdown()
     captured = capsys.readouterr()

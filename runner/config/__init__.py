@@ -1,1 +1,1 @@
-"""The pipeline file: models, compact policy syntax, and the loader that reports errors with positions."""
+"""The pipeline file: models, compact policy syntax, and a loader reporting errors by position."""

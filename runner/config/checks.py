@@ -1,86 +1,113 @@
-"""Checks of a well-formed pipeline against itself and the world: names, files, plugin references."""
+"""Checks of a pipeline against itself and the world: names, files, plugin references.
+
+They read the raw data one field at a time and check each field that is well-formed on its own, so
+a file with errors elsewhere still gets every check: all its errors are reported at once.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from . import refs
+from .policies import OnError, Source
+from .policy import REF
 from .yamlpos import Loc
 
-if TYPE_CHECKING:
-    from .loader import LoadedPipeline
-
 Problem = tuple[Loc, str]
+M = TypeVar("M", bound=BaseModel)
 
 HANDLER_SHAPE = "(event, ctx)"
 REPAIR_SHAPE = "(event, error, ctx)"
 SOURCE_SHAPE = "() or (ctx), a generator of dicts"
 
 
-def check_pipeline(
-    loaded: LoadedPipeline, raw: dict[str, Any], *, check_refs: bool
-) -> Iterator[Problem]:
-    model = loaded.model
-    yield from _names(loaded)
-    if "broker" in raw and model.brokers:
+def check_pipeline(raw: dict[str, Any], base_dir: Path, *, check_refs: bool) -> Iterator[Problem]:
+    """Every problem of `raw` (the file's data) that the models alone cannot see."""
+    consumers = _mapping(raw.get("consumers"))
+    producers = _mapping(raw.get("producers"))
+    if "broker" in raw and raw.get("brokers"):
         yield ("brokers",), "expected either 'broker' or 'brokers', not both"
-    if model.spread is not None and not model.brokers:
+    if raw.get("spread") is not None and not raw.get("brokers"):
         yield ("spread",), "'spread' needs 'brokers' (several brokers to spread over)"
-    if model.spread is not None and model.spread.mode == "by_context" and model.spread.by is None:
-        yield ("spread",), "expected 'by_context(field)' with a field"
-    for name, consumer in model.consumers.items():
-        for index, key in enumerate(consumer.watch):
-            if key not in model.config:
-                yield (
-                    ("consumers", name, "watch", index),
-                    f"{key!r} is not a key of the top-level 'config'",
-                )
-        if consumer.emit is not None and consumer.emit == consumer.from_:
-            yield (
-                ("consumers", name, "emit"),
-                "emitting to the queue the consumer reads would loop forever",
-            )
-    for name, producer in model.producers.items():
-        if producer.source.file is not None:
-            source = loaded.file(producer.source.file)
-            if not source.is_file():
-                yield (
-                    ("producers", name, "source"),
-                    f"file {producer.source.file!r} does not exist ({source})",
-                )
-    for index, folder in enumerate(loaded.plugin_dirs):
-        if not folder.is_dir():
-            yield ("plugins", index), f"folder {model.plugins[index]!r} does not exist ({folder})"
-    if check_refs:
-        yield from _references(loaded)
-
-
-def _names(loaded: LoadedPipeline) -> Iterator[Problem]:
-    model = loaded.model
-    for name in model.consumers:
-        if name in model.producers:
+    for name in consumers:
+        if name in producers:
             yield (
                 ("consumers", name),
                 f"a producer is also named {name!r}; service names must be unique",
             )
+    plugins = raw.get("plugins", [])
+    plugins = [plugins] if isinstance(plugins, str) else plugins
+    dirs: tuple[Path, ...] | None = None
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+        dirs = refs.plugin_folders(base_dir, plugins)
+        for index, folder in enumerate(dirs):
+            if not folder.is_dir():
+                yield ("plugins", index), f"folder {plugins[index]!r} does not exist ({folder})"
+    config = raw.get("config", {})
+    for name, consumer in consumers.items():
+        yield from _consumer(("consumers", name), consumer, config)
+        if check_refs and dirs is not None:
+            yield from _consumer_refs(("consumers", name), consumer, dirs)
+    for name, producer in producers.items():
+        yield from _producer(("producers", name), producer, base_dir, dirs if check_refs else None)
 
 
-def _references(loaded: LoadedPipeline) -> Iterator[Problem]:
-    model = loaded.model
-    dirs = loaded.plugin_dirs
-    wanted: list[tuple[Loc, str, tuple[int, ...], str]] = []
-    for name, consumer in model.consumers.items():
-        wanted.append((("consumers", name, "handler"), consumer.handler, (2,), HANDLER_SHAPE))
-        if consumer.on_error.repair is not None:
-            loc = ("consumers", name, "on_error")
-            wanted.append((loc, consumer.on_error.repair, (3,), REPAIR_SHAPE))
-    for name, producer in model.producers.items():
-        if producer.source.function is not None:
-            loc = ("producers", name, "source")
-            wanted.append((loc, producer.source.function, (0, 1), SOURCE_SHAPE))
-    for loc, ref, arity, shape in wanted:
-        try:
-            refs.check(ref, dirs, arity=arity, shape=shape)
-        except refs.RefError as exc:
-            yield loc, str(exc)
+def _mapping(value: Any) -> dict[str, dict[str, Any]]:
+    """The entries of a `consumers:`/`producers:` section that are mappings themselves."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(v, dict)}
+
+
+def _valid(model: type[M], value: Any) -> M | None:
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None  # reported where the whole file is validated
+
+
+def _consumer(loc: Loc, consumer: dict[str, Any], config: Any) -> Iterator[Problem]:
+    watch = consumer.get("watch")
+    if isinstance(watch, list) and isinstance(config, dict):
+        for index, key in enumerate(watch):
+            if isinstance(key, str) and key not in config:
+                yield (*loc, "watch", index), f"{key!r} is not a key of the top-level 'config'"
+    emit, source = consumer.get("emit"), consumer.get("from")
+    if isinstance(emit, str) and emit == source:
+        yield (*loc, "emit"), "emitting to the queue the consumer reads would loop forever"
+
+
+def _consumer_refs(loc: Loc, consumer: dict[str, Any], dirs: tuple[Path, ...]) -> Iterator[Problem]:
+    handler = consumer.get("handler")
+    if isinstance(handler, str) and REF.match(handler):
+        yield from _reference((*loc, "handler"), handler, dirs, (2,), HANDLER_SHAPE)
+    on_error = _valid(OnError, consumer["on_error"]) if "on_error" in consumer else None
+    if on_error is not None and on_error.repair is not None:
+        yield from _reference((*loc, "on_error"), on_error.repair, dirs, (3,), REPAIR_SHAPE)
+
+
+def _producer(
+    loc: Loc, producer: dict[str, Any], base_dir: Path, dirs: tuple[Path, ...] | None
+) -> Iterator[Problem]:
+    source = _valid(Source, producer["source"]) if "source" in producer else None
+    if source is None:
+        return
+    if source.file is not None:
+        path = (base_dir / source.file).resolve()
+        if not path.is_file():
+            yield (*loc, "source"), f"file {source.file!r} does not exist ({path})"
+    if source.function is not None and dirs is not None:
+        yield from _reference((*loc, "source"), source.function, dirs, (0, 1), SOURCE_SHAPE)
+
+
+def _reference(
+    loc: Loc, ref: str, dirs: tuple[Path, ...], arity: tuple[int, ...], shape: str
+) -> Iterator[Problem]:
+    try:
+        refs.check(ref, dirs, arity=arity, shape=shape)
+    except refs.RefError as exc:
+        yield loc, str(exc)

@@ -76,6 +76,8 @@ def parse_autoscale(text: str) -> dict[str, Any]:
     m = re.fullmatch(r"\s*depth\s*/\s*(\S+)\s*(.*)", text)
     if not m:
         raise PolicySyntaxError(f"expected {expected}")
+    if not re.fullmatch(r"[+-]?\d+", m.group(1)):
+        raise PolicySyntaxError(f"expected {expected}: N in 'depth/N' is a whole number")
     options = _options(m.group(2), {"max", "min", "every", "keep_alive"}, expected)
     if "max" not in options:
         raise PolicySyntaxError(f"expected {expected}: 'max M' is required")
@@ -98,6 +100,8 @@ def parse_on_error(text: str) -> dict[str, Any]:
     if (arg := _call(text, "retry")) is not None:
         return {"action": "retry", "retries": arg}
     m = re.fullmatch(r"workflow\s*\(([^)]*)\)\s*(.*)", text)
+    if m and not REF.match(m.group(1).strip()):
+        raise PolicySyntaxError(f"expected {expected}: the repair function is module:function")
     if m:
         options = _options(m.group(2), {"attempts"}, expected)
         return {"action": "workflow", "repair": m.group(1).strip(), **options}
@@ -130,7 +134,7 @@ def parse_source(text: str) -> dict[str, Any]:
 
 
 def parse_dedupe(text: str) -> dict[str, Any]:
-    expected = "'by(field)' or 'by(message_id)' [ttl D]"
+    expected = "'by(field) [ttl D] [size N]' (by(message_id) for the message id)"
     m = re.fullmatch(r"\s*by\s*\(([^)]*)\)\s*(.*)", text)
     if not m or not FIELD_PATH.match(m.group(1).strip()):
         raise PolicySyntaxError(f"expected {expected}")

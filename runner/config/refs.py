@@ -1,4 +1,4 @@
-"""`module:function` references: imported from the pipeline's plugin folders and checked for shape."""
+"""`module:function` references: imported from the pipeline's plugin folders, checked for shape."""
 
 from __future__ import annotations
 
@@ -14,11 +14,20 @@ class RefError(ValueError):
     """A reference whose module or function cannot be found, or that has the wrong signature."""
 
 
+def plugin_folders(base_dir: Path, plugins: Sequence[str]) -> tuple[Path, ...]:
+    """The plugin folders of a pipeline, absolute (they are written relative to its file)."""
+    return tuple((base_dir / folder).resolve() for folder in plugins)
+
+
 def _activate(plugin_dirs: Sequence[Path], module_name: str) -> None:
+    # This pipeline's folders go first on the path, even when an earlier pipeline put them
+    # (or others) there already: a module name is looked up in this pipeline's plugins first.
     for folder in reversed(plugin_dirs):
         entry = str(folder)
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
+        while entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
+    importlib.invalidate_caches()  # plugin files may have been written since the last import
     top = module_name.split(".")[0]
     loaded = sys.modules.get(top)
     origin = getattr(loaded, "__file__", None)
@@ -37,14 +46,12 @@ def resolve(ref: str, plugin_dirs: Sequence[Path]) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (exc.name == module_name or module_name.startswith(f"{exc.name}.")):
             where = ", ".join(str(d) for d in plugin_dirs) or "no plugin folders (set 'plugins:')"
             raise RefError(f"module {module_name!r} not found in {where}") from None
         raise RefError(f"module {module_name!r} failed to import: {exc}") from None
-    except Exception as exc:  # user code ran at import; report it in one line
-        raise RefError(
-            f"module {module_name!r} failed to import: {type(exc).__name__}: {exc}"
-        ) from None
+    except (Exception, SystemExit) as exc:  # user code ran at import; report it in one line
+        raise RefError(f"module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from None
     function = getattr(module, function_name, None)
     if function is None:
         raise RefError(f"module {module_name!r} has no function {function_name!r}")
@@ -68,9 +75,8 @@ def accepts(function: Callable[..., Any], counts: Sequence[int]) -> bool:
     return False
 
 
-def check(
-    ref: str, plugin_dirs: Sequence[Path], *, arity: Sequence[int], shape: str
-) -> Callable[..., Any]:
+def check(ref: str, plugin_dirs: Sequence[Path], *, arity: Sequence[int], shape: str) -> Callable[..., Any]:
+    """Resolve `ref` and check that it can be called with one of the `arity` argument counts."""
     function = resolve(ref, plugin_dirs)
     if not accepts(function, arity):
         raise RefError(f"{ref} must have the signature {shape}")

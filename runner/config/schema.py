@@ -1,4 +1,4 @@
-"""The JSON Schema of the pipeline file, from the models (editors, `edarun schema`, the reference)."""
+"""The JSON Schema of the pipeline file, from the models (editors, `edarun schema`, the docs)."""
 
 from __future__ import annotations
 

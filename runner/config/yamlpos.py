@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 Loc = tuple[str | int, ...]
+MAX_VALUES = 100_000  # a pipeline is far smaller; aliases of aliases could expand without end
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -53,7 +54,7 @@ def _mark(node: yaml.Node) -> Position:
 
 
 def interpolate(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
-    """Replace `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`. Returns (text, unset names)."""
+    """Replace `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`. Returns (text, unset)."""
     unset: list[str] = []
 
     def sub(m: re.Match[str]) -> str:
@@ -74,38 +75,58 @@ def read_yaml(text: str, env: Mapping[str, str] | None = None) -> Document:
     """Parse `text`; raises YamlSyntaxError on a YAML error (tabs in indentation included)."""
     env = os.environ if env is None else env
     loader = yaml.SafeLoader(text)
+    doc = Document(data=None)
     try:
         root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
+        if root is not None:
+            doc.values[()] = _mark(root)
+            doc.data = _Builder(doc, loader, env).build(root, ())
+    except yaml.MarkedYAMLError as exc:  # syntax, and tags SafeLoader refuses (`!!python/…`)
         mark = exc.problem_mark or exc.context_mark
         position = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
         problem = exc.problem or "invalid YAML"
         if "\t" in problem or "'\\t'" in problem:
             problem = "found a tab character; indent with spaces"
         raise YamlSyntaxError(position, f"YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise YamlSyntaxError(Position(1, 1), "YAML error: nested too deep") from None
     finally:
         loader.dispose()
-    doc = Document(data=None)
-    if root is None:
-        return doc
-    doc.values[()] = _mark(root)
-    doc.data = _build(root, (), doc, loader, env)
     return doc
 
 
-def _build(
-    node: yaml.Node, loc: Loc, doc: Document, loader: yaml.SafeLoader, env: Mapping[str, str]
-) -> Any:
-    if isinstance(node, yaml.MappingNode):
+class _Builder:
+    """Turns the node tree into plain data, recording positions; refuses alias bombs and cycles."""
+
+    def __init__(self, doc: Document, loader: yaml.SafeLoader, env: Mapping[str, str]) -> None:
+        self.doc, self.loader, self.env = doc, loader, env
+        self.count = 0
+        self.open: set[int] = set()  # the collection nodes being built: one seen again is a cycle
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise YamlSyntaxError(
+                _mark(node), f"YAML error: more than {MAX_VALUES} values (aliases nested too deep?)"
+            )
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return _scalar(node, loc, self.doc, self.loader, self.env)
+        if id(node) in self.open:
+            raise YamlSyntaxError(_mark(node), "YAML error: an alias refers to its own anchor")
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, loc)
+            return self._sequence(node, loc)
+        finally:
+            self.open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[Any, Any]:
+        doc, loader = self.doc, self.loader
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = (
-                loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            )
-            if (
-                not isinstance(key, str | int | float | bool)
-                or key_node.tag == "tag:yaml.org,2002:merge"
-            ):
+            key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str | int | float | bool) or key_node.tag == "tag:yaml.org,2002:merge":
                 doc.problems.append((loc, _mark(key_node), "expected a plain key"))
                 continue
             key = str(key) if not isinstance(key, str) else key
@@ -118,14 +139,18 @@ def _build(
                 continue
             doc.keys[child] = _mark(key_node)
             doc.values[child] = _mark(value_node)
-            result[key] = _build(value_node, child, doc, loader, env)
+            result[key] = self.build(value_node, child)
         return result
-    if isinstance(node, yaml.SequenceNode):
+
+    def _sequence(self, node: yaml.SequenceNode, loc: Loc) -> list[Any]:
         items = []
         for index, item in enumerate(node.value):
-            doc.values[(*loc, index)] = _mark(item)
-            items.append(_build(item, (*loc, index), doc, loader, env))
+            self.doc.values[(*loc, index)] = _mark(item)
+            items.append(self.build(item, (*loc, index)))
         return items
+
+
+def _scalar(node: yaml.Node, loc: Loc, doc: Document, loader: yaml.SafeLoader, env: Mapping[str, str]) -> Any:
     value = loader.construct_object(node)
     if isinstance(value, str) and "$" in value:
         value, unset = interpolate(value, env)

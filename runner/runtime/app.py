@@ -278,3 +278,8 @@ class Runner:
         report = self.stats.report(outcome)
         self.options.report.parent.mkdir(parents=True, exist_ok=True)
         self.options.report.write_text(redact_text(json.dumps(report, indent=2, default=str)) + "\n")
+
+
+def run_pipeline(loaded: LoadedPipeline, options: RunOptions) -> int:
+    """Run `loaded` to its end; returns the exit code. Raises RunError when it cannot start."""
+    return asyncio.run(Runner(loaded, options).run())

@@ -7,6 +7,7 @@ The stack, outermost first (written down here and nowhere else):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -30,6 +31,7 @@ from .stats import ConsumerStats
 
 DEFAULT_PREFETCH = 100
 _RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+_HEALTHY_AFTER = 30.0
 
 
 class HandlerResultError(TypeError):
@@ -62,8 +64,9 @@ class ConsumerService:
         self.config = config
         self.log = logging.getLogger(f"edarun.{name}")
         self.publisher = Publisher(broker, tracing, service=name)
-        self.dashboard = Dashboard(broker, name, stats, parked)
+        self.dashboard = Dashboard(self.publisher, name, stats, parked)
         self.retries = Retries()
+        self._stopping = asyncio.Event()
         self.prefetch = spec.prefetch or DEFAULT_PREFETCH
         self.workers: dict[int, asyncio.Task[None]] = {}
         self.subscriptions: dict[int, Subscription] = {}
@@ -81,6 +84,7 @@ class ConsumerService:
                 dashboard=self.dashboard,
                 stats=self.stats,
                 retries=self.retries,
+                tracing=self.tracing,
                 republish=self._republish,
             ),
         ]
@@ -109,6 +113,7 @@ class ConsumerService:
                 raise ValueError(f"expected a JSON object, got {type(event).__name__}")
         except (orjson.JSONDecodeError, ValueError) as exc:
             self.stats.failed += 1
+            self.tracing.failed(envelope.span, exc, {"edarun.workflow.action": "park"})
             acked, envelope.settled = envelope.settled, True
             await self.dashboard.park(
                 delivery,
@@ -173,8 +178,10 @@ class ConsumerService:
 
     async def _supervised(self, worker: int) -> None:
         """Run one worker; an unexpected crash (not a handler error) restarts it with back-off."""
+        loop = asyncio.get_running_loop()
         failures = 0
-        while True:
+        while not self._stopping.is_set():
+            started = loop.time()
             try:
                 await self._work(worker)
                 return
@@ -184,21 +191,22 @@ class ConsumerService:
                 subscription = self.subscriptions.pop(worker, None)
                 if subscription is not None:
                     await subscription.close()  # what it held goes back to the queue
+                if loop.time() - started > _HEALTHY_AFTER:
+                    failures = 0  # a worker that ran well for a while starts its back-off afresh
                 delay = _RESTART_BACKOFF[min(failures, len(_RESTART_BACKOFF) - 1)]
                 failures += 1
                 self.stats.restarts += 1
                 self.log.error(
-                    "%s worker %d crashed (%s); restarting in %.1fs",
-                    self.name,
-                    worker,
-                    describe(exc),
-                    delay,
+                    "%s worker %d crashed (%s); restarting in %.1fs", self.name, worker, describe(exc), delay
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _work(self, worker: int) -> None:
         subscription = await self.broker.consume(self.queue, prefetch=self.prefetch)
         self.subscriptions[worker] = subscription
+        if self._stopping.is_set():  # drain began while this worker was (re)starting
+            return
         stats = self.stats
         process = self._process
         async for delivery in subscription:
@@ -212,6 +220,7 @@ class ConsumerService:
 
     async def drain(self) -> None:
         """Stop taking deliveries, let in-flight calls finish and acknowledge, flush retries."""
+        self._stopping.set()
         for subscription in list(self.subscriptions.values()):
             await subscription.cancel()
         if self.workers:

@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 
-from ..brokers import Broker, Delivery, Message
+from ..brokers import Delivery
+from .publisher import Publisher
 from .stats import ConsumerStats
 
 ERROR = "x-edarun-error"
@@ -44,9 +45,9 @@ def parked_record(message_id: str, headers: dict[str, Any], body: bytes) -> dict
 
 class Dashboard:
     def __init__(
-        self, broker: Broker, consumer: str, stats: ConsumerStats, sink: list[dict[str, Any]]
+        self, publisher: Publisher, consumer: str, stats: ConsumerStats, sink: list[dict[str, Any]]
     ) -> None:
-        self.broker = broker
+        self.publisher = publisher
         self.consumer = consumer
         self.queue = dashboard_queue(consumer)
         self.stats = stats
@@ -64,7 +65,8 @@ class Dashboard:
             ATTEMPTS: attempts,
             PARKED_AT: time.time(),
         }
-        await self.broker.publish(self.queue, Message(delivery.body, message_id, headers))
+        # Published inside the failed call's span: the parking is the last step of the event's trace.
+        await self.publisher.send(self.queue, delivery.body, message_id, headers)
         if ack:
             await delivery.ack()
         self.stats.parked += 1

@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import logging
 import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..config.models import OnError
+from ..telemetry import Tracing
 from ..types import CallNext, Envelope, Layer
 from .dashboard import Dashboard
 from .publisher import ATTEMPT
@@ -49,9 +52,18 @@ class Retries:
             await asyncio.gather(*self.pending, return_exceptions=True)
 
 
+Republish = Callable[[str, bytes, str, dict[str, Any]], Awaitable[None]]
+
+
 def on_error(
-    policy: OnError, *, dashboard: Dashboard, stats: ConsumerStats, retries: Retries, republish
-) -> Layer:  # type: ignore[no-untyped-def]
+    policy: OnError,
+    *,
+    dashboard: Dashboard,
+    stats: ConsumerStats,
+    retries: Retries,
+    tracing: Tracing,
+    republish: Republish,
+) -> Layer:
     """The layer that turns a handler failure into a retry or a parked event."""
 
     async def retry_later(envelope: Envelope, delay: float, acked: bool) -> None:
@@ -66,13 +78,8 @@ def on_error(
             # already acknowledged (at_most_once), to the dashboard.
             log.warning("%s: retry of %s not published (%s)", dashboard.consumer, delivery.message_id, exc)
             if acked:
-                await dashboard.park(
-                    delivery,
-                    f"retry not published: {exc}",
-                    envelope.attempt,
-                    delivery.message_id,
-                    ack=False,
-                )
+                error = f"retry not published: {exc}"
+                await dashboard.park(delivery, error, envelope.attempt, delivery.message_id, ack=False)
             else:
                 await delivery.nack(requeue=True)
             return
@@ -84,7 +91,8 @@ def on_error(
             await call_next(envelope)
             return
         except Exception as exc:
-            error = describe(exc)
+            failure = exc
+        error = describe(failure)
         stats.failed += 1
         attempt = envelope.attempt
         delivery = envelope.delivery
@@ -92,22 +100,16 @@ def on_error(
         if policy.action == "retry" and attempt <= policy.retries:
             stats.retried += 1
             delay = min(policy.backoff * 2 ** (attempt - 1), policy.max_backoff)
+            tracing.failed(envelope.span, failure, {"edarun.workflow.action": "retry"})
             log.info(
                 "%s: %s failed at attempt %d (%s); retry in %.2fs",
-                dashboard.consumer,
-                delivery.message_id,
-                attempt,
-                error,
-                delay,
-            )
+                dashboard.consumer, delivery.message_id, attempt, error, delay,
+            )  # fmt: skip
             retries.start(retry_later(envelope, delay, acked))
             return
+        tracing.failed(envelope.span, failure, {"edarun.workflow.action": "park"})
         log.warning(
-            "%s: %s parked after %d attempt(s): %s",
-            dashboard.consumer,
-            delivery.message_id,
-            attempt,
-            error,
+            "%s: %s parked after %d attempt(s): %s", dashboard.consumer, delivery.message_id, attempt, error
         )
         await dashboard.park(delivery, error, attempt, delivery.message_id, ack=not acked)
 

@@ -43,3 +43,10 @@ async def send(
         return await Publisher(broker, tracing, service="edarun-send").publish(queue, event, root=True)
     finally:
         await broker.close()
+
+
+def send_event(
+    loaded: LoadedPipeline, queue: str, event: dict[str, Any], broker_url: str | None, timeout: float
+) -> str:
+    """Publish one event to a queue of a pipeline's broker; returns its message id."""
+    return asyncio.run(send(loaded, queue, event, broker_url, timeout))

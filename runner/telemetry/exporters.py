@@ -22,12 +22,11 @@ _log = logging.getLogger(__name__)
 # batch in flight when shutdown starts can still finish against a live collector.
 EXPORT_TIMEOUT_S = 4.0
 
+
 def make_exporter(traces: str, *, path: Path | None, endpoint: str) -> SpanExporter:
     """Build the exporter for one `traces` setting other than "none"."""
     if traces == "otlp":
-        return OTLPSpanExporter(
-            endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=EXPORT_TIMEOUT_S
-        )
+        return OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=EXPORT_TIMEOUT_S)
     if traces == "file":
         if path is None:
             raise ValueError('traces "file" needs a path')

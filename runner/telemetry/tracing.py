@@ -16,7 +16,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -206,6 +206,15 @@ class Tracing:
         if span.is_recording():
             span.add_event(name, redacting_attributes(attributes))
 
+    def failed(self, span: Span | None, error: BaseException, attributes: dict[str, object]) -> None:
+        """Mark a handler call's span as failed when the failure is handled rather than raised
+        (a retry scheduled, an event parked), with what edarun decided in `attributes`."""
+        if span is None or not span.is_recording():
+            return
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, redact_text(f"{type(error).__name__}: {error}")))
+        span.set_attributes(redacting_attributes(attributes))
+
     def shutdown(self) -> None:
         """Flush and stop; idempotent, and returns within a few seconds even if a collector is down.
 
@@ -221,9 +230,7 @@ class Tracing:
         exporter.stop_by(time.monotonic() + _SHUTDOWN_BUDGET_S)
         # The SDK's shutdown waits for its worker without a deadline we control; a daemon thread
         # lets us stop waiting and abort the exporter's retries instead.
-        worker = threading.Thread(
-            target=provider.shutdown, name="edarun-traces-shutdown", daemon=True
-        )
+        worker = threading.Thread(target=provider.shutdown, name="edarun-traces-shutdown", daemon=True)
         worker.start()
         worker.join(_SHUTDOWN_BUDGET_S)
         if worker.is_alive():

@@ -110,3 +110,33 @@ async def test_worker_crash_redelivers_what_it_held(factory, jsonl) -> None:  # 
     assert stats.restarts == 3
     # Duplicates only within the in-flight window of the crashed worker (its prefetch).
     assert len(module.DONE) - 40 <= 3 * 10
+
+
+async def test_a_crash_at_the_very_end_still_reaches_idle(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    """The last event kills its worker: the restarted worker takes it again and the run ends."""
+    jsonl("events.jsonl", [{"n": i} for i in range(5)])
+    mod = factory.module(
+        "lastcrash",
+        """
+        DONE = []
+
+        def handle(event, ctx):
+            if event["n"] == 4 and not ctx.redelivered:
+                raise SystemExit("died on the last event")
+            DONE.append(event["n"])
+        """,
+    )
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: lastcrash
+        plugins: [plugins]
+        producers:
+          feed: {{source: file(events.jsonl), to: work}}
+        consumers:
+          worker: {{from: work, handler: "{mod}:handle"}}
+        """
+    )
+    runner = await run(path)
+    assert sorted(importlib.import_module(mod).DONE) == [0, 1, 2, 3, 4]
+    assert runner.stats.consumers["worker"].restarts == 1

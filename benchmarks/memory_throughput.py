@@ -90,6 +90,11 @@ def edarun(folder: Path, count: int, traces: str, prefetch: int) -> float:
     return count / elapsed
 
 
+FLOOR = "asyncio.Queue pass-through (floor)"
+OFF = "edarun memory, tracing off"
+ON = "edarun memory, tracing on (file)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,17 +107,12 @@ def main() -> None:
         folder = Path(tmp)
         write_events(folder, args.events)
         (folder / "bench_handlers.py").write_text(HANDLER)
-        rows = {
-            "asyncio.Queue pass-through (floor)": [
-                asyncio.run(floor(folder, args.events)) for _ in range(args.repeat)
-            ],
-            "edarun memory, tracing off": [
-                edarun(folder, args.events, "none", args.prefetch) for _ in range(args.repeat)
-            ],
-            "edarun memory, tracing on (file)": [
-                edarun(folder, args.events, "file", args.prefetch) for _ in range(args.repeat)
-            ],
-        }
+        rows: dict[str, list[float]] = {FLOOR: [], OFF: [], ON: []}
+        # Interleaved, so a noisy neighbour slows every row alike rather than one of them.
+        for _ in range(args.repeat):
+            rows[FLOOR].append(asyncio.run(floor(folder, args.events)))
+            rows[OFF].append(edarun(folder, args.events, "none", args.prefetch))
+            rows[ON].append(edarun(folder, args.events, "file", args.prefetch))
     base = statistics.median(next(iter(rows.values())))
     table = Table(title=f"memory throughput, {args.events:,} events, median of {args.repeat}")
     table.add_column("run")

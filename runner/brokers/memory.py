@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .base import BrokerError, Delivery, Depth, Message
 
@@ -18,57 +19,51 @@ from .base import BrokerError, Delivery, Depth, Message
 _YIELD_EVERY = 64
 
 
-class _Item:
-    __slots__ = ("body", "headers", "message_id", "redelivered")
-
-    def __init__(self, message: Message) -> None:
-        self.body = message.body
-        self.headers = message.headers
-        self.message_id = message.message_id
-        self.redelivered = False
-
-
 class MemoryDelivery:
-    __slots__ = ("_item", "_sub", "body", "headers", "message_id", "queue", "redelivered")
+    """A message in a memory queue; the same object is handed to the consumer that receives it.
 
-    def __init__(self, item: _Item, sub: MemorySubscription) -> None:
-        self._item: _Item | None = item
-        self._sub = sub
-        self.body = item.body
-        self.headers = item.headers
-        self.message_id = item.message_id
-        self.redelivered = item.redelivered
-        self.queue = sub.queue.name
+    Requeueing puts a fresh copy back, so a late acknowledgement of the old one changes nothing.
+    """
 
-    def _settle(self) -> _Item | None:
-        item, self._item = self._item, None
-        if item is not None:
-            self._sub.settled(item)
-        return item
+    __slots__ = ("_sub", "body", "headers", "message_id", "queue", "redelivered")
+
+    def __init__(self, body: bytes, message_id: str, headers: dict[str, Any], queue: str) -> None:
+        self.body = body
+        self.message_id = message_id
+        self.headers = headers
+        self.queue = queue
+        self.redelivered = False
+        self._sub: MemorySubscription | None = None
+
+    def again(self) -> MemoryDelivery:
+        copy = MemoryDelivery(self.body, self.message_id, self.headers, self.queue)
+        copy.redelivered = True
+        return copy
 
     async def ack(self) -> None:
-        self._settle()
+        sub = self._sub
+        if sub is not None:
+            sub.settled(self)
 
     async def nack(self, *, requeue: bool) -> None:
-        item = self._settle()
-        if item is not None and requeue:
-            item.redelivered = True
-            self._sub.queue.put_back([item])
+        sub = self._sub
+        if sub is not None and sub.settled(self) and requeue:
+            sub.queue.put_back([self.again()])
 
 
 class _Queue:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.ready: deque[_Item] = deque()
+        self.ready: deque[MemoryDelivery] = deque()
         self.waiting: deque[MemorySubscription] = deque()
         self.subscriptions: set[MemorySubscription] = set()
 
-    def put(self, item: _Item) -> None:
+    def put(self, item: MemoryDelivery) -> None:
         self.ready.append(item)
         if self.waiting:
             self._wake()
 
-    def put_back(self, items: list[_Item]) -> None:
+    def put_back(self, items: list[MemoryDelivery]) -> None:
         self.ready.extendleft(reversed(items))
         self._wake()
 
@@ -89,7 +84,8 @@ class MemorySubscription:
     def __init__(self, queue: _Queue, prefetch: int) -> None:
         self.queue = queue
         self.prefetch = prefetch
-        self.unacked: dict[int, _Item] = {}
+        # Outstanding deliveries in delivery order (a dict keeps it), as a closed channel returns them.
+        self.unacked: dict[MemoryDelivery, None] = {}
         self._signal: asyncio.Future[None] | None = None
         self._cancelled = False
         self._since_yield = 0
@@ -103,13 +99,14 @@ class MemorySubscription:
             if self._cancelled:
                 raise StopAsyncIteration
             if queue.ready and len(self.unacked) < self.prefetch:
-                item = queue.ready.popleft()
-                self.unacked[id(item)] = item
+                delivery = queue.ready.popleft()
+                delivery._sub = self
+                self.unacked[delivery] = None
                 self._since_yield += 1
                 if self._since_yield >= _YIELD_EVERY:
                     self._since_yield = 0
                     await asyncio.sleep(0)
-                return MemoryDelivery(item, self)
+                return delivery
             self._signal = asyncio.get_running_loop().create_future()
             if len(self.unacked) < self.prefetch:
                 queue.waiting.append(self)
@@ -122,10 +119,14 @@ class MemorySubscription:
         if self._signal is not None and not self._signal.done():
             self._signal.set_result(None)
 
-    def settled(self, item: _Item) -> None:
-        self.unacked.pop(id(item), None)
+    def settled(self, delivery: MemoryDelivery) -> bool:
+        """Forget an acknowledged or rejected delivery; False when it was not outstanding here."""
+        if delivery not in self.unacked:
+            return False
+        del self.unacked[delivery]
         if self._signal is not None and self not in self.queue.waiting:
             self.wake()  # it was full and waits for room: look at the queue again
+        return True
 
     async def cancel(self) -> None:
         self._cancelled = True
@@ -136,10 +137,8 @@ class MemorySubscription:
     async def close(self) -> None:
         await self.cancel()
         self.queue.subscriptions.discard(self)
-        items = list(self.unacked.values())
+        items = [d.again() for d in self.unacked]
         self.unacked.clear()
-        for item in items:
-            item.redelivered = True
         self.queue.put_back(items)
 
 
@@ -172,7 +171,7 @@ class MemoryBroker:
         target = self._queues.get(queue)
         if target is None:
             raise BrokerError(f"queue {queue!r} does not exist (unroutable message)")
-        target.put(_Item(message))
+        target.put(MemoryDelivery(message.body, message.message_id, message.headers, queue))
         self._since_yield += 1
         if self._since_yield >= _YIELD_EVERY:
             self._since_yield = 0

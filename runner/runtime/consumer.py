@@ -55,9 +55,11 @@ class ConsumerService:
         self.name = name
         self.spec = spec
         self.queue = spec.from_
+        self.emit = spec.emit
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler)
         self.broker = broker
+        self.broker_url = broker.url
         self.tracing = tracing
         self.stats = stats
         self.executor = executor
@@ -135,7 +137,7 @@ class ConsumerService:
             envelope.attempt,
             delivery.redelivered,
             delivery.message_id,
-            self.broker.url,
+            self.broker_url,
             self.log,
             envelope.span,
             config=self.config,
@@ -150,17 +152,19 @@ class ConsumerService:
             result = await loop.run_in_executor(self.executor, contextvars.copy_context().run, call)
         self.stats.processed += 1
         outbox = ctx.outbox
+        if result is None and not outbox:
+            return
         if result is not None:
             emitted = result if isinstance(result, list) else [result]
             if not all(isinstance(e, dict) for e in emitted):
                 raise HandlerResultError(
                     f"handler returned {type(result).__name__}; expected dict, list of dicts or None"
                 )
-            if self.spec.emit is None:
+            if self.emit is None:
                 if emitted:
                     self.log.debug("return value of %s ignored: the consumer has no 'emit'", self.name)
             else:
-                outbox = [*((self.spec.emit, e, False) for e in emitted), *outbox]
+                outbox = [*((self.emit, e, False) for e in emitted), *outbox]
         for queue, out, priority in outbox:
             await self.publisher.publish(queue, out, priority=priority)
 

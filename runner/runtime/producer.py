@@ -47,6 +47,7 @@ class ProducerService:
         interval = 1.0 / spec.rate if spec.rate else 0.0
         next_at = loop.time()
         taken = 0
+        publish = self.publisher.publish
         source = open_source(self.source_file, self.source_function, SourceContext(self.name, self.log))
         try:
             async for item in source:
@@ -57,7 +58,13 @@ class ProducerService:
                     stats.rejected += 1
                     self.log.error("%s: event rejected: %s", self.name, item)
                 else:
-                    await self._publish(item)
+                    try:
+                        await publish(self.target(item), item, root=True)
+                    except (PublishError, BrokerError) as exc:
+                        stats.rejected += 1
+                        self.log.error("%s: publish failed: %s", self.name, exc)
+                    else:
+                        stats.published += 1
                 if spec.count is not None and taken >= spec.count:
                     break
                 if interval:
@@ -71,12 +78,3 @@ class ProducerService:
         finally:
             await source.aclose()  # type: ignore[attr-defined]
             stats.done = True
-
-    async def _publish(self, event: dict[str, Any]) -> None:
-        try:
-            await self.publisher.publish(self.target(event), event, root=True)
-        except (PublishError, BrokerError) as exc:
-            self.stats.rejected += 1
-            self.log.error("%s: publish failed: %s", self.name, exc)
-        else:
-            self.stats.published += 1

@@ -41,12 +41,18 @@ def _load(path: Path) -> LoadedPipeline:
         _fail("\n".join(exc.lines), 2)
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(verbose: bool, *, live: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if live:
+        # Through the live view's console, so log lines scroll above the table instead of through it.
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False, markup=False)
+        logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
     logging.getLogger("opentelemetry").setLevel(logging.ERROR)
 
 
@@ -107,8 +113,8 @@ def up(
             check_broker_url(broker)
         except ValueError as exc:
             _fail(f"--broker: {exc}", 2)
-    _logging(verbose)
     interactive = err.is_terminal and not os.environ.get("CI")
+    _logging(verbose, live=interactive)
     view = LiveView(err) if interactive else LogView(err)
     options = RunOptions(
         broker=broker,

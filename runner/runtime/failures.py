@@ -101,7 +101,7 @@ def on_error(
             stats.retried += 1
             delay = min(policy.backoff * 2 ** (attempt - 1), policy.max_backoff)
             tracing.failed(envelope.span, failure, {"edarun.workflow.action": "retry"})
-            log.info(
+            log.debug(
                 "%s: %s failed at attempt %d (%s); retry in %.2fs",
                 dashboard.consumer, delivery.message_id, attempt, error, delay,
             )  # fmt: skip

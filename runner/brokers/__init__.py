@@ -8,8 +8,12 @@ from .memory import MemoryBroker
 __all__ = ["Broker", "BrokerError", "Delivery", "Depth", "Message", "Subscription", "connect_url"]
 
 
-def connect_url(url: str) -> Broker:
+def connect_url(url: str, *, queue_types: dict[str, str] | None = None) -> Broker:
     """The broker for a pipeline's `broker:` URL (not yet connected)."""
     if url == "memory":
         return MemoryBroker()
-    raise BrokerError(f"broker {url.split('://')[0]}:// is not supported by this version of edarun")
+    if url.startswith(("amqp://", "amqps://")):
+        from .amqp import AmqpBroker  # aio-pika is imported only by pipelines that use it
+
+        return AmqpBroker(url, queue_types=queue_types)
+    raise BrokerError(f"broker {url.split('://')[0]}:// is not supported")

@@ -37,7 +37,8 @@ class Delivery(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Depth:
-    """Ready messages (the depth of the talk) and, separately, delivered but unacknowledged ones."""
+    """Ready messages (the depth of the talk) and, separately, delivered but unacknowledged ones
+    (on RabbitMQ, which does not report them over AMQP: those held by this process's consumers)."""
 
     ready: int
     unacked: int

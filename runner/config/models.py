@@ -176,6 +176,10 @@ class Queue(Model):
     """Settings of one queue; a queue named elsewhere exists without an entry here."""
 
     flow_control: FlowControl | None = Field(default=None, description="pattern 8: upper U lower L")
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="RabbitMQ queue type: classic, or quorum (replicated; recommended on a cluster)",
+    )
 
 
 def _amqp_url(url: str) -> str:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 
-from runner.config.loader import load_pipeline
 from runner.patterns.forwarding import forwarding
-from runner.runtime.app import Runner, RunOptions
 from runner.types import Envelope
 
 
@@ -68,13 +65,9 @@ async def test_a_settled_delivery_is_not_acked_twice() -> None:
     assert log == []
 
 
-async def run(path: Path) -> Runner:
-    runner = Runner(load_pipeline(path), RunOptions(until_idle=True))
-    assert await runner.run() == 0
-    return runner
-
-
-async def test_worker_crash_redelivers_what_it_held(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_worker_crash_redelivers_what_it_held(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline
+) -> None:
     """A worker that dies mid-call loses nothing: its unacknowledged deliveries come back marked."""
     jsonl("events.jsonl", [{"n": i} for i in range(40)])
     mod = factory.module(
@@ -102,7 +95,8 @@ async def test_worker_crash_redelivers_what_it_held(factory, jsonl) -> None:  # 
           worker: {{from: work, handler: "{mod}:handle", prefetch: 10}}
         """
     )
-    runner = await run(path)
+    code, runner = await run_pipeline(path)
+    assert code == 0
     module = importlib.import_module(mod)
     assert set(module.DONE) == set(range(40))  # nothing lost
     assert {5, 17, 33} <= set(module.REDELIVERED)
@@ -112,7 +106,9 @@ async def test_worker_crash_redelivers_what_it_held(factory, jsonl) -> None:  # 
     assert len(module.DONE) - 40 <= 3 * 10
 
 
-async def test_a_crash_at_the_very_end_still_reaches_idle(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_a_crash_at_the_very_end_still_reaches_idle(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline
+) -> None:
     """The last event kills its worker: the restarted worker takes it again and the run ends."""
     jsonl("events.jsonl", [{"n": i} for i in range(5)])
     mod = factory.module(
@@ -137,6 +133,7 @@ async def test_a_crash_at_the_very_end_still_reaches_idle(factory, jsonl) -> Non
           worker: {{from: work, handler: "{mod}:handle"}}
         """
     )
-    runner = await run(path)
+    code, runner = await run_pipeline(path)
+    assert code == 0
     assert sorted(importlib.import_module(mod).DONE) == [0, 1, 2, 3, 4]
     assert runner.stats.consumers["worker"].restarts == 1

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from runner.config.loader import load_pipeline
-from runner.runtime.app import Runner, RunOptions
+from runner.redact import redact_url
 
 
-async def run(path: Path, **options: object) -> tuple[int, Runner]:
-    runner = Runner(load_pipeline(path), RunOptions(until_idle=True, **options))  # type: ignore[arg-type]
-    code = await runner.run()
-    return code, runner
-
-
-async def test_two_stage_pipeline_runs_to_idle_with_exact_report(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_two_stage_pipeline_runs_to_idle_with_exact_report(  # type: ignore[no-untyped-def]
+    factory, jsonl, tmp_path, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": i} for i in range(50)])
     mod = factory.module(
         "stages",
@@ -46,7 +40,7 @@ async def test_two_stage_pipeline_runs_to_idle_with_exact_report(factory, jsonl,
         """
     )
     report = tmp_path / "report.json"
-    code, _ = await run(path, report=report)
+    code, _ = await run_pipeline(path, report=report)
     assert code == 0
     data = json.loads(report.read_text())
     assert data["pipeline"] == "stages"
@@ -67,7 +61,9 @@ async def test_two_stage_pipeline_runs_to_idle_with_exact_report(factory, jsonl,
     assert sorted((e["n"], e["part"]) for e in seen) == [(n, p) for n in range(50) for p in range(2)]
 
 
-async def test_failing_handler_is_retried_then_parked_nothing_lost(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_failing_handler_is_retried_then_parked_nothing_lost(  # type: ignore[no-untyped-def]
+    factory, jsonl, tmp_path, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": i} for i in range(30)])
     mod = factory.module(
         "flaky",
@@ -96,7 +92,7 @@ async def test_failing_handler_is_retried_then_parked_nothing_lost(factory, json
             on_error: {{action: retry, retries: 2, backoff: 5ms}}
         """
     )
-    code, runner = await run(path, report=tmp_path / "r.json")
+    code, runner = await run_pipeline(path, report=tmp_path / "r.json")
     assert code == 0
     stats = json.loads((tmp_path / "r.json").read_text())["consumers"]["worker"]
     # 3 always fail (0, 10, 20): 3 attempts each; 3 fail once (1, 11, 21) then succeed.
@@ -116,7 +112,9 @@ async def test_failing_handler_is_retried_then_parked_nothing_lost(factory, json
     assert len({p["id"] for p in parked}) == 3
 
 
-async def test_dead_letter_parks_at_once(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_dead_letter_parks_at_once(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": i} for i in range(5)])
     mod = factory.module("dl", "def handle(event, ctx):\n    raise KeyError('missing')\n")
     path = factory.pipeline(
@@ -130,13 +128,15 @@ async def test_dead_letter_parks_at_once(factory, jsonl) -> None:  # type: ignor
           worker: {{from: work, handler: "{mod}:handle", on_error: dead_letter}}
         """
     )
-    code, runner = await run(path)
+    code, runner = await run_pipeline(path)
     assert code == 0
     stats = runner.stats.consumers["worker"]
     assert (stats.processed, stats.failed, stats.retried, stats.parked) == (0, 5, 0, 5)
 
 
-async def test_handler_returning_wrong_type_fails_the_event(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_handler_returning_wrong_type_fails_the_event(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": 1}])
     mod = factory.module("wrong", "def handle(event, ctx):\n    return 'not an event'\n")
     path = factory.pipeline(
@@ -150,13 +150,15 @@ async def test_handler_returning_wrong_type_fails_the_event(factory, jsonl) -> N
           worker: {{from: work, handler: "{mod}:handle", emit: out, on_error: dead_letter}}
         """
     )
-    code, runner = await run(path)
+    code, runner = await run_pipeline(path)
     assert code == 0
     assert runner.stats.consumers["worker"].parked == 1
     assert "HandlerResultError" in runner.stats.parked_events[0]["error"]
 
 
-async def test_ctx_fields_threads_and_publish(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_ctx_fields_threads_and_publish(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline, broker_url
+) -> None:
     jsonl("events.jsonl", [{"n": i} for i in range(6)])
     mod = factory.module(
         "ctxmod",
@@ -192,7 +194,7 @@ async def test_ctx_fields_threads_and_publish(factory, jsonl) -> None:  # type: 
           side: {{from: side, handler: "{mod}:async_handler"}}
         """
     )
-    code, _ = await run(path)
+    code, _ = await run_pipeline(path)
     assert code == 0
     import importlib
 
@@ -203,13 +205,15 @@ async def test_ctx_fields_threads_and_publish(factory, jsonl) -> None:  # type: 
     assert first["queue"] == "work" and first["consumer"] == "worker"
     assert first["attempt"] == 1 and first["redelivered"] is False
     assert first["context"] is None and first["lane"] == "standard"
-    assert first["broker"] == "memory" and first["config"] == {} and first["log"]
+    assert first["broker"] == redact_url(broker_url) and first["config"] == {} and first["log"]
     assert {s["worker"] for s in module.SEEN} <= {1, 2}
     assert len({s["message_id"] for s in module.SEEN}) == 6
     assert sorted(e["from"] for _, e in module.OUT) == list(range(6))
 
 
-async def test_csv_and_generator_sources_with_count(factory) -> None:  # type: ignore[no-untyped-def]
+async def test_csv_and_generator_sources_with_count(  # type: ignore[no-untyped-def]
+    factory, run_pipeline
+) -> None:
     factory.data("rows.csv", "id,account,shares,price\n1,A-1,100,1.5\n2,B-2,x,2\n3,C-3,300,3\n")
     mod = factory.module(
         "gen",
@@ -243,7 +247,7 @@ async def test_csv_and_generator_sources_with_count(factory) -> None:  # type: i
           worker: {{from: work, handler: "{mod}:handle"}}
         """
     )
-    code, runner = await run(path)
+    code, runner = await run_pipeline(path)
     assert code == 0
     assert runner.stats.producers["gen"].published == 7
     import importlib
@@ -256,7 +260,9 @@ async def test_csv_and_generator_sources_with_count(factory) -> None:  # type: i
     assert len(seen) == 3 + 7 + 3
 
 
-async def test_bad_source_lines_are_rejected_and_counted(factory) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_source_lines_are_rejected_and_counted(  # type: ignore[no-untyped-def]
+    factory, run_pipeline
+) -> None:
     factory.data("events.jsonl", '{"n": 1}\nnot json\n[1, 2]\n\n{"n": 2}\n')
     mod = factory.module("ok", "def handle(event, ctx):\n    return None\n")
     path = factory.pipeline(
@@ -270,13 +276,15 @@ async def test_bad_source_lines_are_rejected_and_counted(factory) -> None:  # ty
           worker: {{from: work, handler: "{mod}:handle"}}
         """
     )
-    code, runner = await run(path)
+    code, runner = await run_pipeline(path)
     assert code == 0
     assert runner.stats.producers["feed"].published == 2
     assert runner.stats.producers["feed"].rejected == 2
 
 
-async def test_at_most_once_acks_before_the_handler(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_at_most_once_acks_before_the_handler(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": i} for i in range(3)])
     mod = factory.module(
         "amo",
@@ -299,11 +307,13 @@ async def test_at_most_once_acks_before_the_handler(factory, jsonl) -> None:  # 
           worker: {{from: work, handler: "{mod}:handle", delivery: at_most_once, prefetch: 1}}
         """
     )
-    code, runner = await run(path)
+    code, runner = await run_pipeline(path)
     assert code == 0 and runner.stats.consumers["worker"].processed == 3
 
 
-async def test_only_runs_a_subset_and_waits_only_for_it(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+async def test_only_runs_a_subset_and_waits_only_for_it(  # type: ignore[no-untyped-def]
+    factory, jsonl, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": i} for i in range(10)])
     mod = factory.module("only", "def handle(event, ctx):\n    return event\n")
     path = factory.pipeline(
@@ -318,7 +328,7 @@ async def test_only_runs_a_subset_and_waits_only_for_it(factory, jsonl) -> None:
           second: {{from: b, handler: "{mod}:handle"}}
         """
     )
-    code, runner = await run(path, only=["feed", "first"])
+    code, runner = await run_pipeline(path, only=["feed", "first"])
     assert code == 0
     assert set(runner.stats.consumers) == {"first"}
     assert runner.stats.consumers["first"].processed == 10

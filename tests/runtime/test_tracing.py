@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from runner.config.loader import load_pipeline
-from runner.runtime.app import Runner, RunOptions
 from runner.traces_view import load_traces
 
 
-async def test_retried_then_parked_event_is_one_trace_with_failed_spans(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_retried_then_parked_event_is_one_trace_with_failed_spans(  # type: ignore[no-untyped-def]
+    factory, jsonl, tmp_path, run_pipeline
+) -> None:
     jsonl("events.jsonl", [{"n": 1}, {"n": 2}])
     mod = factory.module(
         "fails",
@@ -32,8 +32,8 @@ async def test_retried_then_parked_event_is_one_trace_with_failed_spans(factory,
             on_error: {{action: retry, retries: 1, backoff: 1ms}}
         """
     )
-    runner = Runner(load_pipeline(path), RunOptions(until_idle=True))
-    assert await runner.run() == 0
+    code, _ = await run_pipeline(path)
+    assert code == 0
     traces = load_traces(tmp_path / "traces.jsonl")
     assert len(traces) == 2
     failing = next(spans for spans in traces.values() if len(spans) > 2)

@@ -1,0 +1,298 @@
+"""RabbitMQ through aio-pika: durable queues, persistent messages, publisher confirms, manual acks.
+
+Reconnects are this module's job. The robust connection restores channels, queues, QoS and
+consumers; a publish caught by a dropped connection is sent again once the channel is back (the
+broker may then hold it twice: consumers dedupe by message id); an acknowledgement for a delivery
+of a channel that died is dropped, because the broker delivers that message again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from ..redact import redact_text, redact_url
+from .base import BrokerError, Delivery, Depth, Message
+
+log = logging.getLogger("edarun.amqp")
+
+# A connection problem while publishing: wait for the robust connection and send again.
+_RETRYABLE = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
+_PUBLISH_GIVE_UP_S = 120.0
+_STOP = object()
+
+
+class AmqpDelivery:
+    __slots__ = ("_message", "_sub", "body", "headers", "message_id", "queue", "redelivered")
+
+    def __init__(self, message: AbstractIncomingMessage, sub: AmqpSubscription) -> None:
+        self._message = message
+        self._sub = sub
+        self.body = message.body
+        self.headers = dict(message.headers or {})
+        self.message_id = message.message_id or f"amqp-{message.delivery_tag}"
+        self.queue = sub.queue
+        self.redelivered = bool(message.redelivered)
+
+    async def ack(self) -> None:
+        self._sub.ack(self._message)
+
+    async def nack(self, *, requeue: bool) -> None:
+        await self._sub.nack(self._message, requeue)
+
+
+class AmqpSubscription:
+    """One consumer on its own channel (its own prefetch window; closing it returns what it held).
+
+    Acknowledgements are batched: the highest delivery tag below which everything is settled is
+    acknowledged with `multiple=True` once per loop iteration, instead of a frame per message.
+    """
+
+    def __init__(self, broker: AmqpBroker, queue: str, prefetch: int) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.prefetch = prefetch
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._channel: AbstractRobustChannel | None = None
+        self._amqp_queue: Any = None
+        self._consumer_tag: str | None = None
+        self._cancelled = False
+        # Tags of the current underlying channel, in delivery order, and those already settled.
+        self._underlay: Any = None
+        self._outstanding: deque[int] = deque()
+        self._settled: set[int] = set()
+        self._nacked: set[int] = set()
+        self._flush_scheduled = False
+        self._acks_in_flight: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        channel = await self.broker.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=self.prefetch)
+        self._channel = channel
+        self._amqp_queue = await channel.get_queue(self.queue, ensure=False)
+        self._consumer_tag = await self._amqp_queue.consume(self._receive, no_ack=False)
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
+        if message.channel is not self._underlay:
+            # A new channel after a reconnect: the old tags died with the old one.
+            self._underlay = message.channel
+            self._outstanding.clear()
+            self._settled.clear()
+            self._nacked.clear()
+        self._outstanding.append(message.delivery_tag or 0)
+        self._inbox.put_nowait(message)
+
+    def __aiter__(self) -> AsyncIterator[Delivery]:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        if self._cancelled and self._inbox.empty():
+            raise StopAsyncIteration
+        message = await self._inbox.get()
+        if message is _STOP:
+            self._inbox.put_nowait(_STOP)  # every later call ends too
+            raise StopAsyncIteration
+        return AmqpDelivery(message, self)
+
+    @property
+    def held(self) -> int:
+        """Deliveries received and not yet settled."""
+        return len(self._outstanding) - len(self._settled)
+
+    def _current(self, message: AbstractIncomingMessage) -> bool:
+        if message.channel is self._underlay and not message.channel.is_closed:
+            return True
+        log.debug("%s: delivery %s came on a closed channel; the broker redelivers it", self.queue, message.delivery_tag)
+        return False
+
+    def ack(self, message: AbstractIncomingMessage) -> None:
+        if self._current(message):
+            self._settled.add(message.delivery_tag or 0)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    async def nack(self, message: AbstractIncomingMessage, requeue: bool) -> None:
+        if not self._current(message):
+            return
+        self._flush()  # the acks before it go first
+        tag = message.delivery_tag or 0
+        self._settled.add(tag)
+        self._nacked.add(tag)
+        with contextlib.suppress(*_RETRYABLE):
+            await message.channel.basic_nack(tag, multiple=False, requeue=requeue)
+        self._flush()  # it may have closed a gap: ack what follows it
+
+    def _advance(self) -> int | None:
+        """Pop the settled prefix; the highest *acked* tag in it is what `multiple=True` may name
+        (a nacked tag is gone from the broker, and naming it would close the channel)."""
+        highest = None
+        while self._outstanding and self._outstanding[0] in self._settled:
+            tag = self._outstanding.popleft()
+            self._settled.discard(tag)
+            if tag in self._nacked:
+                self._nacked.discard(tag)
+            else:
+                highest = tag
+        return highest
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        highest = self._advance()
+        channel = self._underlay
+        if highest is None or channel is None or channel.is_closed:
+            return
+        task = asyncio.ensure_future(self._send_ack(channel, highest))
+        self._acks_in_flight.add(task)
+        task.add_done_callback(self._acks_in_flight.discard)
+
+    async def _send_ack(self, channel: Any, tag: int) -> None:
+        with contextlib.suppress(*_RETRYABLE):
+            await channel.basic_ack(tag, multiple=True)
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self._amqp_queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(*_RETRYABLE):
+                await self._amqp_queue.cancel(self._consumer_tag)
+        self._inbox.put_nowait(_STOP)
+
+    async def close(self) -> None:
+        await self.cancel()
+        self._flush()
+        if self._acks_in_flight:
+            await asyncio.gather(*self._acks_in_flight, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*_RETRYABLE):
+                await self._channel.close()  # what it still held goes back to the queue
+        self.broker.subscriptions.discard(self)
+
+
+class AmqpBroker:
+    """The `amqp://` broker."""
+
+    system = "rabbitmq"
+
+    def __init__(self, url: str, *, queue_types: dict[str, str] | None = None) -> None:
+        self._url = url
+        self.url = redact_url(url)
+        self.queue_types = queue_types or {}
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._admin_channel: AbstractRobustChannel | None = None
+        self._declared: set[str] = set()
+        self.subscriptions: set[AmqpSubscription] = set()
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerError("not connected")
+        return self._connection
+
+    async def connect(self, timeout: float) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(self._url, timeout=timeout)
+            self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._admin_channel = await self._connection.channel(publisher_confirms=False)
+        except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+            await self.close()
+            raise BrokerError(redact_text(str(exc)) or type(exc).__name__) from None
+
+    async def declare(self, queue: str) -> None:
+        if queue in self._declared:
+            return
+        arguments = {}
+        queue_type = self.queue_types.get(queue, "classic")
+        if queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
+        channel = self._admin_channel
+        assert channel is not None
+        try:
+            await channel.declare_queue(queue, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # The channel closed; reopen it for the next operation.
+            await channel.reopen()
+            raise BrokerError(
+                f"queue {queue!r} exists on the broker with other settings ({exc}); "
+                "delete it or match its type"
+            ) from None
+        self._declared.add(queue)
+
+    async def publish(self, queue: str, message: Message) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise BrokerError("not connected")
+        outgoing = aio_pika.Message(
+            message.body,
+            message_id=message.message_id,
+            headers=message.headers,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if message.persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        deadline = time.monotonic() + _PUBLISH_GIVE_UP_S
+        while True:
+            try:
+                await channel.default_exchange.publish(outgoing, routing_key=queue, mandatory=True)
+                return
+            except aio_pika.exceptions.PublishError:
+                raise BrokerError(f"queue {queue!r} does not exist (unroutable message)") from None
+            except aiormq.exceptions.DeliveryError as exc:
+                raise BrokerError(f"the broker refused a message for {queue!r}: {exc}") from None
+            except _RETRYABLE as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"publish to {queue!r} failed: {redact_text(str(exc))}") from None
+                # The confirm was lost with the connection: send again once the channel is back.
+                log.info("publish to %s interrupted (%s); resending after reconnect", queue, type(exc).__name__)
+                with contextlib.suppress(*_RETRYABLE):
+                    await asyncio.wait_for(channel.ready(), max(deadline - time.monotonic(), 0.1))
+                await asyncio.sleep(0.05)
+
+    async def consume(self, queue: str, *, prefetch: int) -> AmqpSubscription:
+        sub = AmqpSubscription(self, queue, prefetch)
+        await sub.start()
+        self.subscriptions.add(sub)
+        return sub
+
+    async def depth(self, queue: str) -> Depth:
+        """Ready messages as the broker counts them. AMQP does not report unacknowledged messages,
+        so `unacked` counts those this process holds (its consumers' outstanding deliveries)."""
+        channel = self._admin_channel
+        assert channel is not None
+        while True:
+            try:
+                underlay = await channel.get_underlay_channel()
+                result = await underlay.queue_declare(queue, passive=True)
+                held = sum(s.held for s in self.subscriptions if s.queue == queue)
+                return Depth(result.message_count or 0, held)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                await channel.reopen()
+                return Depth(0, 0)
+            except _RETRYABLE:
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        for sub in list(self.subscriptions):
+            with contextlib.suppress(Exception):
+                await sub.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        self._connection = None

@@ -53,7 +53,14 @@ def _logging(verbose: bool, *, live: bool) -> None:
         logging.basicConfig(
             level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
+    _quiet_libraries(verbose=verbose)
+
+
+def _quiet_libraries(*, verbose: bool) -> None:
+    # Their reconnect chatter is replaced by edarun's own one-line messages (runner.brokers.amqp).
     logging.getLogger("opentelemetry").setLevel(logging.ERROR)
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 @app.command()
@@ -125,12 +132,47 @@ def up(
         connect_timeout=connect_timeout,
         view=view,
     )
+    url = broker or loaded.model.broker
     try:
-        code = run_pipeline(loaded, options)
+        if url == "memory":
+            code = run_pipeline(loaded, options)
+        else:
+            from .runtime.processes import supervise
+
+            code = supervise(loaded, options)
     except RunError as exc:
         _fail(str(exc), exc.code)
     except KeyboardInterrupt:
         code = 130
+    raise typer.Exit(code)
+
+
+@app.command(hidden=True)
+def service(
+    pipeline: PipelineArg,
+    name: Annotated[str, typer.Argument(help="the producer or consumer to run")],
+    instance: Annotated[int, typer.Option(help="which of the consumer's instances")] = 1,
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
+    skip: Annotated[int, typer.Option(help="producer: source events already published")] = 0,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+) -> None:
+    """Run one service of a pipeline in this process (what `up` starts per service on RabbitMQ)."""
+    from .runtime.app import RunError, RunOptions
+    from .runtime.service import run_service
+
+    loaded = _load(pipeline)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s {name}#{instance} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _quiet_libraries(verbose=False)
+    options = RunOptions(broker=broker, traces=traces, connect_timeout=connect_timeout, skip={name: skip})
+    try:
+        code = run_service(loaded, name, options)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
     raise typer.Exit(code)
 
 

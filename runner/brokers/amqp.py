@@ -35,6 +35,7 @@ _RETRYABLE = (
     RuntimeError,
 )
 _PUBLISH_GIVE_UP_S = 120.0
+_RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach a broker that went away
 _STOP = object()
 
 
@@ -85,7 +86,8 @@ class AmqpSubscription:
         channel = await self.broker.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.prefetch)
         self._channel = channel
-        self._amqp_queue = await channel.get_queue(self.queue, ensure=False)
+        # Declared (passively) through the robust channel, so a reconnect restores its consumer.
+        self._amqp_queue = await channel.declare_queue(self.queue, passive=True)
         self._consumer_tag = await self._amqp_queue.consume(self._receive, no_ack=False)
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
@@ -118,7 +120,11 @@ class AmqpSubscription:
     def _current(self, message: AbstractIncomingMessage) -> bool:
         if message.channel is self._underlay and not message.channel.is_closed:
             return True
-        log.debug("%s: delivery %s came on a closed channel; the broker redelivers it", self.queue, message.delivery_tag)
+        log.debug(
+            "%s: delivery %s came on a closed channel; the broker redelivers it",
+            self.queue,
+            message.delivery_tag,
+        )
         return False
 
     def ack(self, message: AbstractIncomingMessage) -> None:
@@ -190,6 +196,7 @@ class AmqpBroker:
     """The `amqp://` broker."""
 
     system = "rabbitmq"
+    publish_window = 256  # confirms a producer keeps in flight
 
     def __init__(self, url: str, *, queue_types: dict[str, str] | None = None) -> None:
         self._url = url
@@ -200,6 +207,7 @@ class AmqpBroker:
         self._admin_channel: AbstractRobustChannel | None = None
         self._declared: set[str] = set()
         self.subscriptions: set[AmqpSubscription] = set()
+        self._closing = False
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -209,12 +217,26 @@ class AmqpBroker:
 
     async def connect(self, timeout: float) -> None:
         try:
-            self._connection = await aio_pika.connect_robust(self._url, timeout=timeout)
-            self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._connection = await aio_pika.connect_robust(
+                self._url, timeout=timeout, reconnect_interval=_RECONNECT_INTERVAL
+            )
+            self._connection.close_callbacks.add(self._lost)
+            self._connection.reconnect_callbacks.add(self._back)
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
             self._admin_channel = await self._connection.channel(publisher_confirms=False)
-        except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             await self.close()
             raise BrokerError(redact_text(str(exc)) or type(exc).__name__) from None
+
+    def _lost(self, _: Any, reason: BaseException | None = None) -> None:
+        if self._connection is not None and not self._closing:
+            detail = redact_text(str(reason)) if reason else "closed"
+            log.warning("connection to %s lost (%s); reconnecting", self.url, detail)
+
+    def _back(self, *_: Any) -> None:
+        log.warning("reconnected to %s", self.url)
 
     async def declare(self, queue: str) -> None:
         if queue in self._declared:
@@ -245,7 +267,9 @@ class AmqpBroker:
             message_id=message.message_id,
             headers=message.headers,
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if message.persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if message.persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         deadline = time.monotonic() + _PUBLISH_GIVE_UP_S
         while True:
@@ -260,7 +284,9 @@ class AmqpBroker:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"publish to {queue!r} failed: {redact_text(str(exc))}") from None
                 # The confirm was lost with the connection: send again once the channel is back.
-                log.info("publish to %s interrupted (%s); resending after reconnect", queue, type(exc).__name__)
+                log.debug(
+                    "publish to %s interrupted (%s); sent again after reconnect", queue, type(exc).__name__
+                )
                 with contextlib.suppress(*_RETRYABLE):
                     await asyncio.wait_for(channel.ready(), max(deadline - time.monotonic(), 0.1))
                 await asyncio.sleep(0.05)
@@ -289,6 +315,7 @@ class AmqpBroker:
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
+        self._closing = True
         for sub in list(self.subscriptions):
             with contextlib.suppress(Exception):
                 await sub.close()

@@ -55,6 +55,10 @@ class Subscription(Protocol):
 
     async def __anext__(self) -> Delivery: ...
 
+    @property
+    def held(self) -> int:
+        """Deliveries received and not yet acknowledged or rejected."""
+
     async def cancel(self) -> None:
         """Stop receiving; deliveries already handed out can still be acknowledged or requeued."""
 
@@ -69,6 +73,7 @@ class BrokerError(RuntimeError):
 class Broker(Protocol):
     url: str  # credentials redacted: safe to print, log and trace
     system: str  # messaging.system of the spans
+    publish_window: int  # publishes a producer may keep in flight awaiting their confirms
 
     async def connect(self, timeout: float) -> None: ...
 

@@ -93,6 +93,10 @@ class MemorySubscription:
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
 
+    @property
+    def held(self) -> int:
+        return len(self.unacked)
+
     async def __anext__(self) -> Delivery:
         queue = self.queue
         while True:
@@ -146,6 +150,7 @@ class MemoryBroker:
     """The `memory` broker: everything lives in this process."""
 
     system = "memory"
+    publish_window = 1  # a publish is confirmed at once: nothing to pipeline
 
     def __init__(self, url: str = "memory") -> None:
         self.url = url

@@ -32,6 +32,7 @@ log = logging.getLogger("edarun")
 
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 _POLL = 0.05
+_POLL_NETWORK = 0.1
 
 
 class RunError(Exception):
@@ -51,7 +52,15 @@ class RunOptions:
     traces: str | None = None  # overrides telemetry.traces: none | console | otlp | file(path)
     connect_timeout: float = 30.0
     view: Any = None  # a runtime.live view; None = no output
-    extra: dict[str, Any] = field(default_factory=dict)
+    skip: dict[str, int] = field(default_factory=dict)  # producer → source events already published
+    # This process runs one instance of one service (started by the supervisor); otherwise a
+    # consumer's `instances` run here side by side.
+    single_service: bool = False
+
+
+def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
+    """Queue → RabbitMQ queue type, for the queues whose settings say."""
+    return {name: queue.queue_type for name, queue in loaded.model.queues.items()}
 
 
 def queues_of(loaded: LoadedPipeline) -> list[str]:
@@ -118,7 +127,7 @@ class Runner:
 
     async def _connect(self, url: str) -> Broker:
         try:
-            broker = connect_url(url)
+            broker = connect_url(url, queue_types=queue_types(self.loaded))
             await asyncio.wait_for(broker.connect(self.options.connect_timeout), self.options.connect_timeout)
         except (TimeoutError, BrokerError, OSError) as exc:
             detail = redact_text(str(exc)) or "timed out"
@@ -128,10 +137,14 @@ class Runner:
             ) from None
         return broker
 
+    def _workers(self, spec: Any) -> int:
+        instances = 1 if self.options.single_service else spec.instances
+        return (spec.concurrency or 1) * instances
+
     def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[ConsumerService]]:
         model, loaded = self.loaded.model, self.loaded
         consumers = []
-        threads = sum((model.consumers[n].concurrency or 1) for n in self.consumer_names)
+        threads = sum(self._workers(model.consumers[n]) for n in self.consumer_names)
         self.executor = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="edarun-handler")
         for name in self.consumer_names:
             spec = model.consumers[name]
@@ -160,6 +173,7 @@ class Runner:
                     broker=broker,
                     tracing=tracing,
                     stats=self.stats.producers.setdefault(name, ProducerStats()),
+                    skip=self.options.skip.get(name, 0),
                 )
             )
         return producers, consumers
@@ -185,7 +199,7 @@ class Runner:
             producers, consumers = self._build(broker, tracing)
             self.started = True
             for consumer in consumers:
-                consumer.start(consumer.spec.concurrency or 1)
+                consumer.start(self._workers(consumer.spec))
             tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
             for task in tasks:
                 task.add_done_callback(self._producer_done)
@@ -235,23 +249,35 @@ class Runner:
         assert self.stop_requested is not None
         consumed = {c.queue for c in consumers}
         view = self.options.view
+        # A network broker may have handed a message out that has not reached us yet: idle must
+        # hold on two polls in a row with nothing received in between.
+        poll = _POLL if broker.system == "memory" else _POLL_NETWORK
+        idle_seen: tuple[int, ...] | None = None
         while True:
             depths = await self._sample(broker)
+            for consumer in consumers:
+                consumer.stats.held = consumer.held()
+                consumer.stats.pending_retries = len(consumer.retries.pending)
             if view is not None:
                 view.update(self.stats)
             if self.stop_requested.is_set():
                 return "interrupted"
             if self.options.until_idle and self._idle(depths, consumed, consumers):
-                return "failed" if self.failed else "idle"
+                signature = tuple(c.stats.received for c in consumers)
+                if broker.system == "memory" or idle_seen == signature:
+                    return "failed" if self.failed else "idle"
+                idle_seen = signature
+            else:
+                idle_seen = None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_requested.wait(), _POLL)
+                await asyncio.wait_for(self.stop_requested.wait(), poll)
 
     def _idle(self, depths: dict[str, int], consumed: set[str], consumers: list[ConsumerService]) -> bool:
         if not all(p.done for p in self.stats.producers.values()):
             return False
         if any(depths.get(q, 0) for q in consumed):
             return False
-        return all(c.stats.in_flight == 0 and not c.retries.pending for c in consumers)
+        return all(c.stats.in_flight == 0 and not c.retries.pending and not c.held() for c in consumers)
 
     # -- signals and report ---------------------------------------------------------------------
 

@@ -217,10 +217,15 @@ class ConsumerService:
             attempt = delivery.headers.get(ATTEMPT, 1)
             envelope = Envelope(delivery, worker, attempt if isinstance(attempt, int) else 1)
             stats.in_flight += 1
+            stats.received += 1
             try:
                 await process(envelope)
             finally:
                 stats.in_flight -= 1
+
+    def held(self) -> int:
+        """Deliveries this service holds unsettled: the broker counts them as unacknowledged."""
+        return sum(sub.held for sub in self.subscriptions.values())
 
     async def drain(self) -> None:
         """Stop taking deliveries, let in-flight calls finish and acknowledge, flush retries."""

@@ -27,6 +27,7 @@ class ProducerService:
         broker: Broker,
         tracing: Tracing,
         stats: ProducerStats,
+        skip: int = 0,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -36,6 +37,8 @@ class ProducerService:
         self.log = logging.getLogger(f"edarun.{name}")
         self.publisher = Publisher(broker, tracing, service=name)
         self.stopping = asyncio.Event()
+        self.window = getattr(broker, "publish_window", 1)
+        self.skip = skip
 
     def target(self, event: dict[str, Any]) -> str:
         assert self.spec.to is not None  # routing producers are refused before start
@@ -47,24 +50,22 @@ class ProducerService:
         interval = 1.0 / spec.rate if spec.rate else 0.0
         next_at = loop.time()
         taken = 0
-        publish = self.publisher.publish
+        window = ConfirmWindow(self, self.window)
         source = open_source(self.source_file, self.source_function, SourceContext(self.name, self.log))
         try:
             async for item in source:
                 if self.stopping.is_set():
                     break
                 taken += 1
+                if taken <= self.skip:  # published by an earlier run of this service
+                    window.settled(taken)
+                    continue
                 if isinstance(item, SourceError):
                     stats.rejected += 1
                     self.log.error("%s: event rejected: %s", self.name, item)
+                    window.settled(taken)
                 else:
-                    try:
-                        await publish(self.target(item), item, root=True)
-                    except (PublishError, BrokerError) as exc:
-                        stats.rejected += 1
-                        self.log.error("%s: publish failed: %s", self.name, exc)
-                    else:
-                        stats.published += 1
+                    await window.publish(taken, self.target(item), item)
                 if spec.count is not None and taken >= spec.count:
                     break
                 if interval:
@@ -72,9 +73,71 @@ class ProducerService:
                     delay = next_at - loop.time()
                     if delay > 0.001:  # below a millisecond, catch up instead of sleeping
                         await asyncio.sleep(delay)
+            await window.drain()
         except SourceError as exc:
             self.log.error("%s: source failed: %s", self.name, exc)
             raise
         finally:
             await source.aclose()  # type: ignore[attr-defined]
             stats.done = True
+
+
+class ConfirmWindow:
+    """Publishes in flight, at most `size` at once; an event counts as published when confirmed.
+
+    On RabbitMQ a confirm is a network round trip, so one publish at a time would cap a producer at
+    one event per round trip; the window keeps many confirms in flight (frames still go out in
+    publish order). `confirmed` is the number of leading source events that are all settled
+    (confirmed or rejected): where a restarted producer resumes.
+    """
+
+    def __init__(self, producer: ProducerService, size: int) -> None:
+        self.producer = producer
+        self.size = size
+        self.pending: set[asyncio.Task[None]] = set()
+        self._done: set[int] = set()
+        self._room: asyncio.Future[None] | None = None
+        self.stats = producer.stats
+
+    def settled(self, index: int) -> None:
+        stats = self.stats
+        if index == stats.confirmed + 1:
+            stats.confirmed = index
+            done = self._done
+            while stats.confirmed + 1 in done:
+                stats.confirmed += 1
+                done.discard(stats.confirmed)
+        else:
+            self._done.add(index)
+
+    async def _one(self, index: int, queue: str, event: dict[str, Any]) -> None:
+        producer = self.producer
+        try:
+            await producer.publisher.publish(queue, event, root=True)
+        except (PublishError, BrokerError) as exc:
+            self.stats.rejected += 1
+            producer.log.error("%s: publish failed: %s", producer.name, exc)
+        else:
+            self.stats.published += 1
+        self.settled(index)
+
+    async def publish(self, index: int, queue: str, event: dict[str, Any]) -> None:
+        if self.size <= 1:
+            await self._one(index, queue, event)
+            return
+        task = asyncio.ensure_future(self._one(index, queue, event))
+        self.pending.add(task)
+        task.add_done_callback(self._finished)
+        if len(self.pending) >= self.size:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.pending.discard(task)
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def drain(self) -> None:
+        if self.pending:
+            await asyncio.gather(*self.pending)

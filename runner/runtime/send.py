@@ -9,7 +9,7 @@ from ..brokers import BrokerError, connect_url
 from ..config.loader import LoadedPipeline
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
-from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queues_of
+from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queue_types, queues_of
 from .publisher import Publisher
 
 
@@ -29,7 +29,7 @@ async def send(
         )
     if queue not in queues_of(loaded):
         raise RunError(f"queue {queue!r} is not named in {loaded.path}", EXIT_INVALID)
-    broker = connect_url(url)
+    broker = connect_url(url, queue_types=queue_types(loaded))
     try:
         await asyncio.wait_for(broker.connect(timeout), timeout)
     except (TimeoutError, BrokerError, OSError) as exc:

@@ -11,6 +11,7 @@ from typing import Any
 class ProducerStats:
     published: int = 0
     rejected: int = 0
+    confirmed: int = 0  # leading source events all settled: where a restart resumes
     done: bool = False
 
 
@@ -25,6 +26,9 @@ class ConsumerStats:
     max_consumers: int = 0
     restarts: int = 0
     in_flight: int = 0
+    received: int = 0  # deliveries taken from the broker, redeliveries included
+    held: int = 0  # deliveries received and not yet settled (the broker counts them unacked)
+    pending_retries: int = 0
     handler_seconds: float = 0.0
 
 

@@ -39,6 +39,4 @@ def unsupported(model: Pipeline) -> list[str]:
             refuse(f"{where}.watch", "watch notification (pattern 4)")
         if consumer.dedupe:
             refuse(f"{where}.dedupe", "dedupe")
-        if consumer.instances > 1:
-            refuse(f"{where}.instances", "several consumer processes")
     return problems

@@ -1,0 +1,310 @@
+"""The supervisor of a multi-process run: one OS process per service, restarted when it dies.
+
+`edarun up` on RabbitMQ starts each producer and each consumer instance as `edarun service …`,
+reads the counters each one prints, merges them for the live view and the report, restarts a
+process that dies (with back-off; a producer resumes after the events it had confirmed), decides
+when the whole run is idle, and on SIGTERM or Ctrl-C lets every service drain before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..brokers import Broker
+from ..config.loader import LoadedPipeline
+from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, Runner, RunOptions, queues_of
+from .dashboard import dashboard_queue
+from .stats import ConsumerStats, ProducerStats, RunStats
+
+log = logging.getLogger("edarun.supervisor")
+
+_POLL = 0.25
+_RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+_HEALTHY_AFTER = 30.0
+_DRAIN_GRACE = 60.0
+_SUMMED = ("processed", "failed", "retried", "repaired", "parked", "restarts", "received")
+
+
+@dataclass
+class Child:
+    """One service process, across its restarts."""
+
+    service: str
+    kind: str  # producer | consumer
+    instance: int
+    process: asyncio.subprocess.Process | None = None
+    last: dict[str, Any] = field(default_factory=dict)  # the latest counters of this incarnation
+    base: dict[str, int] = field(default_factory=dict)  # counters of earlier incarnations
+    seq: int = 0
+    restarts: int = 0
+    failures: int = 0
+    started_at: float = 0.0
+    done: bool = False  # a producer whose source is exhausted
+    failed: bool = False  # gave up: not restarted
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def label(self) -> str:
+        return self.service if self.kind == "producer" else f"{self.service}#{self.instance}"
+
+    def counters(self) -> dict[str, Any]:
+        section = "producers" if self.kind == "producer" else "consumers"
+        return dict(self.last.get(section, {}).get(self.service, {}))
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedPipeline, options: RunOptions) -> None:
+        # The same checks as a single-process run: unsupported policies, unknown --only names.
+        self.plan = Runner(loaded, options)
+        self.loaded = loaded
+        self.options = options
+        model = loaded.model
+        self.children = [Child(name, "producer", 1) for name in self.plan.producer_names]
+        for name in self.plan.consumer_names:
+            for instance in range(1, model.consumers[name].instances + 1):
+                self.children.append(Child(name, "consumer", instance))
+        self.stats = RunStats(pipeline=model.name)
+        for name in self.plan.producer_names:
+            self.stats.producers[name] = ProducerStats()
+        for name in self.plan.consumer_names:
+            self.stats.consumers[name] = ConsumerStats()
+        self.stopping = False
+        self.stop_requested = asyncio.Event()
+        self._followers: set[asyncio.Task[None]] = set()
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def _command(self, child: Child) -> list[str]:
+        options = self.options
+        command = [sys.executable, "-m", "runner", "service", str(self.loaded.path), child.service]
+        command += ["--instance", str(child.instance), "--connect-timeout", str(options.connect_timeout)]
+        if options.broker:
+            command += ["--broker", options.broker]
+        if options.traces:
+            command += ["--traces", options.traces]
+        if child.kind == "producer":
+            command += ["--skip", str(child.base.get("confirmed", 0))]
+        return command
+
+    async def _spawn(self, child: Child) -> None:
+        child.process = await asyncio.create_subprocess_exec(
+            *self._command(child),
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "EDARUN_SERVICE": child.label},
+            start_new_session=True,  # Ctrl-C reaches the supervisor, which drains the services
+        )
+        child.started_at = time.monotonic()
+        child.exited.clear()
+        task = asyncio.create_task(self._follow(child, child.process), name=f"follow {child.label}")
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _follow(self, child: Child, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a stray print from a handler; counters are JSON lines only
+            child.last = line
+            child.seq += 1
+        code = await process.wait()
+        await self._exited(child, code)
+
+    async def _exited(self, child: Child, code: int) -> None:
+        self._fold(child)
+        if child.kind == "producer" and code == EXIT_OK:
+            child.done = True
+        elif self.stopping:
+            pass
+        elif code in (EXIT_INVALID, EXIT_FAILURE) and child.kind == "producer":
+            child.failed = True  # its source failed: running it again would fail again
+            log.error("producer %s failed (exit %d); not restarted", child.label, code)
+        else:
+            healthy = time.monotonic() - child.started_at > _HEALTHY_AFTER
+            child.failures = 0 if healthy else child.failures
+            delay = _RESTART_BACKOFF[min(child.failures, len(_RESTART_BACKOFF) - 1)]
+            child.failures += 1
+            child.restarts += 1
+            how = f"signal {-code}" if code < 0 else f"exit {code}"
+            log.warning("service %s died (%s); restarting in %.1fs", child.label, how, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), delay)
+            if not self.stopping:
+                await self._spawn(child)
+                return
+        child.process = None
+        child.exited.set()
+
+    def _fold(self, child: Child) -> None:
+        """Add a finished incarnation's counters to the child's running totals."""
+        counters = child.counters()
+        for key in ("published", "rejected", *_SUMMED):
+            if key in counters:
+                child.base[key] = child.base.get(key, 0) + int(counters[key])
+        if child.kind == "producer":
+            # Where the next incarnation resumes: every source event before it was settled.
+            confirmed = max(child.base.get("confirmed", 0), int(counters.get("confirmed", 0)))
+            child.base["confirmed"] = confirmed
+        self.stats.parked_events += child.last.get("parked", [])
+        child.last = {}
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def _merge(self) -> None:
+        for child in self.children:
+            counters = child.counters()
+            if child.last.get("parked"):
+                self.stats.parked_events += child.last.pop("parked")
+            if child.kind == "producer":
+                stats = self.stats.producers[child.service]
+                stats.published = child.base.get("published", 0) + int(counters.get("published", 0))
+                stats.rejected = child.base.get("rejected", 0) + int(counters.get("rejected", 0))
+                stats.done = child.done
+        totals: dict[str, ConsumerStats] = {name: ConsumerStats() for name in self.stats.consumers}
+        for child in self.children:
+            if child.kind != "consumer":
+                continue
+            counters, total = child.counters(), totals[child.service]
+            for key in _SUMMED:
+                value = child.base.get(key, 0) + int(counters.get(key, 0))
+                setattr(total, key, getattr(total, key) + value)
+            total.restarts += child.restarts
+            if child.process is not None:
+                for key in ("consumers", "in_flight", "held", "pending_retries"):
+                    setattr(total, key, getattr(total, key) + int(counters.get(key, 0)))
+        for name, total in totals.items():
+            total.max_consumers = max(self.stats.consumers[name].max_consumers, total.consumers)
+            self.stats.consumers[name] = total
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._install_signals()
+        broker: Broker | None = None
+        outcome = "failed"
+        started = False
+        try:
+            url = self.options.broker or self.loaded.model.broker
+            broker = await self.plan._connect(url)
+            for queue in queues_of(self.loaded):
+                await broker.declare(queue)
+            for name in self.loaded.model.consumers:
+                await broker.declare(dashboard_queue(name))
+            # Consumers first, so the first events find someone to take them.
+            for child in sorted(self.children, key=lambda c: c.kind != "consumer"):
+                await self._spawn(child)
+            started = True
+            outcome = await self._watch(broker)
+        finally:
+            self.stopping = True
+            if started:
+                await self._stop_children()
+                self._merge()
+            if broker is not None:
+                if started:
+                    await self._sample(broker)
+                await broker.close()
+            self._remove_signals()
+            self.plan.stats = self.stats
+            self.plan._write_report(outcome)
+            if self.options.view is not None and started:
+                self.options.view.close(self.stats, outcome)
+        if outcome == "interrupted":
+            return EXIT_INTERRUPTED
+        return EXIT_FAILURE if outcome == "failed" else EXIT_OK
+
+    async def _sample(self, broker: Broker) -> dict[str, int]:
+        depths = {}
+        for queue in queues_of(self.loaded):
+            depth = await broker.depth(queue)
+            self.stats.observe_depth(queue, depth.ready)
+            depths[queue] = depth.ready
+        return depths
+
+    async def _watch(self, broker: Broker) -> str:
+        consumed = {self.loaded.model.consumers[c].from_ for c in self.plan.consumer_names}
+        consumers = [c for c in self.children if c.kind == "consumer"]
+        idle_seen: dict[str, tuple[int, int]] | None = None
+        while True:
+            depths = await self._sample(broker)
+            self._merge()
+            if self.options.view is not None:
+                self.options.view.update(self.stats)
+            if self.stop_requested.is_set():
+                return "interrupted"
+            if self.options.until_idle and self._quiet(depths, consumed):
+                # Idle must hold until every consumer has reported again with nothing new
+                # received: a message in flight from the broker shows up in between.
+                now = {c.label: (c.seq, int(c.counters().get("received", 0))) for c in consumers}
+                if idle_seen is None or any(now[k][1] != idle_seen[k][1] for k in now):
+                    idle_seen = now
+                elif all(now[k][0] > idle_seen[k][0] for k in now):
+                    failed = any(c.failed for c in self.children)
+                    return "failed" if failed else "idle"
+            else:
+                idle_seen = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), _POLL)
+
+    def _quiet(self, depths: dict[str, int], consumed: set[str]) -> bool:
+        for child in self.children:
+            if child.kind == "producer":
+                if not (child.done or child.failed):
+                    return False
+                continue
+            if child.process is None or not child.last:
+                return False  # restarting, or not reported yet
+            counters = child.counters()
+            if counters.get("in_flight") or counters.get("held") or counters.get("pending_retries"):
+                return False
+        return not any(depths.get(q, 0) for q in consumed)
+
+    async def _stop_children(self) -> None:
+        """SIGTERM every service, let it drain, SIGKILL what is still there after the grace time."""
+        alive = [c for c in self.children if c.process is not None and c.process.returncode is None]
+        for child in alive:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        waits = [c.exited.wait() for c in self.children if c.process is not None]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), _DRAIN_GRACE)
+            except TimeoutError:
+                for child in self.children:
+                    if child.process is not None and child.process.returncode is None:
+                        log.error(
+                            "service %s did not drain within %.0fs; killing it", child.label, _DRAIN_GRACE
+                        )
+                        with contextlib.suppress(ProcessLookupError):
+                            child.process.kill()
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def supervise(loaded: LoadedPipeline, options: RunOptions) -> int:
+    """Run every service of `loaded` in its own process until idle or stopped; the exit code."""
+    return asyncio.run(Supervisor(loaded, options).run())

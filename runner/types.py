@@ -19,7 +19,7 @@ Handler = Callable[[Event, Any], HandlerResult | Awaitable[HandlerResult]]
 class Envelope:
     """One delivery on its way through the stack, and what the layers learned about it."""
 
-    __slots__ = ("attempt", "ctx", "delivery", "event", "settled", "span", "worker")
+    __slots__ = ("attempt", "ctx", "delivery", "event", "failed", "settled", "span", "worker")
 
     def __init__(self, delivery: Delivery, worker: int, attempt: int) -> None:
         self.delivery = delivery
@@ -30,6 +30,8 @@ class Envelope:
         self.span: Any = None
         # True once a layer has acknowledged the delivery or handed it on (retry, parking).
         self.settled = False
+        # True once the handler failed and on_error took the event (retry scheduled, parked).
+        self.failed = False
 
     async def ack(self) -> None:
         if not self.settled:
@@ -39,3 +41,18 @@ class Envelope:
 
 CallNext = Callable[[Envelope], Awaitable[None]]
 Layer = Callable[[Envelope, CallNext], Awaitable[None]]
+
+
+_MISSING = object()
+
+
+def lookup(event: Event, path: str) -> Any:
+    """The value at a dotted field path (`order.account`), or None when any part is missing."""
+    value: Any = event
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part, _MISSING)
+        if value is _MISSING:
+            return None
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -10,6 +11,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import delete_queues
+
+from runner.config.loader import load_pipeline
+from runner.runtime.app import queues_of
+from runner.runtime.dashboard import dashboard_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
@@ -24,10 +30,18 @@ def edarun(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
-def test_shipped_pipeline_runs_to_idle(pipeline: Path, tmp_path: Path) -> None:
+async def test_shipped_pipeline_runs_to_idle(pipeline: Path, tmp_path: Path, broker_url: str) -> None:
     assert edarun("validate", str(pipeline)).returncode == 0
     report = tmp_path / "report.json"
-    result = edarun("up", str(pipeline), "--until-idle", "--report", str(report))
+    args = ["up", str(pipeline), "--until-idle", "--report", str(report)]
+    if broker_url != "memory":
+        loaded = load_pipeline(pipeline)
+        names = [*queues_of(loaded), *(dashboard_queue(c) for c in loaded.model.consumers)]
+        await delete_queues(names)
+        args += ["--broker", broker_url]
+    result = await asyncio.to_thread(edarun, *args)
+    if broker_url != "memory":
+        await delete_queues(names)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(report.read_text())
     published = sum(p["published"] for p in data["producers"].values())

@@ -1,7 +1,8 @@
 """A consumer service: its workers, the consume stack each delivery goes through, and its handler.
 
 The stack, outermost first (written down here and nowhere else):
-  trace → forwarding (when to ack) → decode (undecodable → dashboard) → on_error (retry / park) → handler
+  trace → forwarding (when to ack) → decode (undecodable → dashboard) → dedupe (when set)
+  → on_error (retry / park) → handler
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 
 from ..brokers import Broker, Subscription
 from ..config.models import Consumer
+from ..patterns.dedupe import dedupe
 from ..patterns.forwarding import forwarding
 from ..telemetry import Tracing
 from ..types import CallNext, Envelope, Handler, Layer
@@ -81,6 +83,7 @@ class ConsumerService:
             *([self._trace] if self.tracing.enabled else []),
             forwarding(self.spec.delivery),
             self._decode,
+            *([dedupe(self.spec.dedupe, self.stats, self.tracing)] if self.spec.dedupe else []),
             on_error(
                 self.spec.on_error,
                 dashboard=self.dashboard,

@@ -94,6 +94,7 @@ def on_error(
             failure = exc
         error = describe(failure)
         stats.failed += 1
+        envelope.failed = True
         attempt = envelope.attempt
         delivery = envelope.delivery
         acked, envelope.settled = envelope.settled, True

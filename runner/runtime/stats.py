@@ -29,6 +29,7 @@ class ConsumerStats:
     received: int = 0  # deliveries taken from the broker, redeliveries included
     held: int = 0  # deliveries received and not yet settled (the broker counts them unacked)
     pending_retries: int = 0
+    duplicates: int = 0  # deliveries skipped by dedupe
     handler_seconds: float = 0.0
 
 
@@ -69,6 +70,7 @@ class RunStats:
                     "parked": s.parked,
                     "max_consumers": s.max_consumers,
                     "restarts": s.restarts,
+                    "duplicates": s.duplicates,
                 }
                 for name, s in self.consumers.items()
             },

@@ -37,6 +37,4 @@ def unsupported(model: Pipeline) -> list[str]:
             refuse(f"{where}.on_error", "workflow event (pattern 7)")
         if consumer.watch:
             refuse(f"{where}.watch", "watch notification (pattern 4)")
-        if consumer.dedupe:
-            refuse(f"{where}.dedupe", "dedupe")
     return problems

@@ -105,7 +105,11 @@ class ConsumerService:
             message_id=delivery.message_id,
             headers=delivery.headers,
             system=self.broker.system,
-            attributes={"edarun.attempt": envelope.attempt, "edarun.consumer": self.name},
+            attributes={
+                "edarun.attempt": envelope.attempt,
+                "edarun.consumer": self.name,
+                "edarun.redelivered": delivery.redelivered,
+            },
         ) as span:
             envelope.span = span
             await call_next(envelope)

@@ -190,3 +190,31 @@ def test_graph_schema_and_redaction(factory, jsonl) -> None:  # type: ignore[no-
     assert "hunter2" not in validate.stdout + validate.stderr
     schema = json.loads(edarun("schema").stdout)
     assert "consumers" in schema["properties"]
+
+
+async def test_send_publishes_one_event_on_rabbitmq(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import aio_pika
+    from conftest import AMQP_URL, amqp_available, delete_queues
+
+    amqp_available()
+    path = two_stage(factory, jsonl, count=1)
+    queue = "orders"
+    await delete_queues([queue])
+    try:
+        sent = await asyncio.to_thread(edarun, "send", str(path), queue, '{"n": 42}', "--broker", AMQP_URL)
+        assert sent.returncode == 0, sent.stderr
+        message_id = sent.stdout.split()[1]
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            got = await (await channel.get_queue(queue)).get(timeout=5)
+            assert json.loads(got.body) == {"n": 42}
+            assert got.message_id == message_id
+            assert got.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+            await got.ack()
+        unknown = await asyncio.to_thread(edarun, "send", str(path), "nowhere", "{}", "--broker", AMQP_URL)
+        assert unknown.returncode == 2 and "not named" in unknown.stderr
+    finally:
+        await delete_queues([queue])

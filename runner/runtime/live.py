@@ -28,39 +28,38 @@ class _Rates:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+_COLUMNS = (
+    "service",
+    "kind",
+    "state",
+    "depth",
+    "consumers",
+    "done",
+    "per s",
+    "failed",
+    "retried",
+    "parked",
+    "restarts",
+)
+_LEFT = {"service", "kind", "state"}
+
+
 def table(stats: RunStats, rates: _Rates) -> Table:
     grid = Table(title=f"edarun · {stats.pipeline} · {stats.elapsed:.1f}s", expand=False)
-    for column in (
-        "service",
-        "kind",
-        "queue / state",
-        "depth",
-        "consumers",
-        "done",
-        "per s",
-        "failed",
-        "retried",
-        "parked",
-    ):
-        grid.add_column(column, justify="left" if column in ("service", "kind", "queue / state") else "right")
+    for column in _COLUMNS:
+        grid.add_column(column, justify="left" if column in _LEFT else "right")
     for name, p in stats.producers.items():
         state = "exhausted" if p.done else "publishing"
-        grid.add_row(name, "producer", state, "", "", str(p.published), "", str(p.rejected), "", "")
+        grid.add_row(name, "producer", state, "", "", str(p.published), "", str(p.rejected), "", "", "")
     for name, c in stats.consumers.items():
+        rate = f"{rates.rate(name, c.processed):.0f}"
+        state = "in flight " + str(c.in_flight) if c.in_flight else ("idle" if c.consumers else "stopped")
+        counts = (c.processed, c.failed, c.retried, c.parked, c.restarts)
         grid.add_row(
-            name,
-            "consumer",
-            "",
-            "",
-            str(c.consumers),
-            str(c.processed),
-            f"{rates.rate(name, c.processed):.0f}",
-            str(c.failed),
-            str(c.retried),
-            str(c.parked),
+            name, "consumer", state, "", str(c.consumers), str(counts[0]), rate, *map(str, counts[1:])
         )
     for queue, depth in sorted(stats.depth.items()):
-        grid.add_row(queue, "queue", "", str(depth), "", "", "", "", "", "")
+        grid.add_row(queue, "queue", "", str(depth), "", "", "", "", "", "", "")
     return grid
 
 
@@ -103,6 +102,7 @@ class LogView:
         ]
         parts += [
             f"{n} consumers={c.consumers} processed={c.processed} failed={c.failed} parked={c.parked}"
+            + (f" restarts={c.restarts}" if c.restarts else "")
             for n, c in stats.consumers.items()
         ]
         parts += [f"{q} depth={d}" for q, d in sorted(stats.depth.items())]

@@ -40,10 +40,11 @@ _STOP = object()
 
 
 class AmqpDelivery:
-    __slots__ = ("_message", "_sub", "body", "headers", "message_id", "queue", "redelivered")
+    __slots__ = ("_channel", "_sub", "_tag", "body", "headers", "message_id", "queue", "redelivered")
 
-    def __init__(self, message: AbstractIncomingMessage, sub: AmqpSubscription) -> None:
-        self._message = message
+    def __init__(self, channel: Any, message: AbstractIncomingMessage, sub: AmqpSubscription) -> None:
+        self._channel = channel  # the underlying channel it came on: its tag means nothing elsewhere
+        self._tag = message.delivery_tag or 0
         self._sub = sub
         self.body = message.body
         self.headers = dict(message.headers or {})
@@ -52,10 +53,10 @@ class AmqpDelivery:
         self.redelivered = bool(message.redelivered)
 
     async def ack(self) -> None:
-        self._sub.ack(self._message)
+        self._sub.ack(self._channel, self._tag)
 
     async def nack(self, *, requeue: bool) -> None:
-        await self._sub.nack(self._message, requeue)
+        await self._sub.nack(self._channel, self._tag, requeue)
 
 
 class AmqpSubscription:
@@ -91,14 +92,15 @@ class AmqpSubscription:
         self._consumer_tag = await self._amqp_queue.consume(self._receive, no_ack=False)
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
-        if message.channel is not self._underlay:
+        channel = message.channel
+        if channel is not self._underlay:
             # A new channel after a reconnect: the old tags died with the old one.
-            self._underlay = message.channel
+            self._underlay = channel
             self._outstanding.clear()
             self._settled.clear()
             self._nacked.clear()
         self._outstanding.append(message.delivery_tag or 0)
-        self._inbox.put_nowait(message)
+        self._inbox.put_nowait((channel, message))
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
@@ -106,43 +108,42 @@ class AmqpSubscription:
     async def __anext__(self) -> Delivery:
         if self._cancelled and self._inbox.empty():
             raise StopAsyncIteration
-        message = await self._inbox.get()
-        if message is _STOP:
-            self._inbox.put_nowait(_STOP)  # every later call ends too
-            raise StopAsyncIteration
-        return AmqpDelivery(message, self)
+        while True:
+            item = await self._inbox.get()
+            if item is _STOP:
+                self._inbox.put_nowait(_STOP)  # every later call ends too
+                raise StopAsyncIteration
+            channel, message = item
+            if channel is self._underlay and not channel.is_closed:
+                return AmqpDelivery(channel, message, self)
+            # Prefetched on a channel that died: RabbitMQ delivers it again on the new one.
 
     @property
     def held(self) -> int:
         """Deliveries received and not yet settled."""
         return len(self._outstanding) - len(self._settled)
 
-    def _current(self, message: AbstractIncomingMessage) -> bool:
-        if message.channel is self._underlay and not message.channel.is_closed:
+    def _current(self, channel: Any, tag: int) -> bool:
+        if channel is self._underlay and not channel.is_closed:
             return True
-        log.debug(
-            "%s: delivery %s came on a closed channel; the broker redelivers it",
-            self.queue,
-            message.delivery_tag,
-        )
+        log.debug("%s: delivery %s came on a closed channel; the broker redelivers it", self.queue, tag)
         return False
 
-    def ack(self, message: AbstractIncomingMessage) -> None:
-        if self._current(message):
-            self._settled.add(message.delivery_tag or 0)
+    def ack(self, channel: Any, tag: int) -> None:
+        if self._current(channel, tag):
+            self._settled.add(tag)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
 
-    async def nack(self, message: AbstractIncomingMessage, requeue: bool) -> None:
-        if not self._current(message):
+    async def nack(self, channel: Any, tag: int, requeue: bool) -> None:
+        if not self._current(channel, tag):
             return
         self._flush()  # the acks before it go first
-        tag = message.delivery_tag or 0
         self._settled.add(tag)
         self._nacked.add(tag)
         with contextlib.suppress(*_RETRYABLE):
-            await message.channel.basic_nack(tag, multiple=False, requeue=requeue)
+            await channel.basic_nack(tag, multiple=False, requeue=requeue)
         self._flush()  # it may have closed a gap: ack what follows it
 
     def _advance(self) -> int | None:

@@ -163,13 +163,14 @@ class Runner:
             )
         producers = []
         for name in self.producer_names:
-            spec = model.producers[name]
+            producer = model.producers[name]
+            source = producer.source
             producers.append(
                 ProducerService(
                     name,
-                    spec,
-                    source_file=loaded.file(spec.source.file) if spec.source.file else None,
-                    source_function=loaded.resolve(spec.source.function) if spec.source.function else None,
+                    producer,
+                    source_file=loaded.file(source.file) if source.file else None,
+                    source_function=loaded.resolve(source.function) if source.function else None,
                     broker=broker,
                     tracing=tracing,
                     stats=self.stats.producers.setdefault(name, ProducerStats()),

@@ -150,6 +150,7 @@ class ConsumerService:
             config=self.config,
         )
         event = envelope.event
+        assert event is not None  # the decode layer ran
         if self.is_async:
             result = await self.handler(event, ctx)  # type: ignore[misc]
         else:

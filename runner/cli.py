@@ -164,7 +164,7 @@ def service(
     loaded = _load(pipeline)
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s {name}#{instance} %(name)s: %(message)s",
+        format="%(levelname)s %(name)s: %(message)s",  # the supervisor relays it, naming the service
         stream=sys.stderr,
     )
     _quiet_libraries(verbose=False)

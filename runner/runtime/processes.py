@@ -99,15 +99,32 @@ class Supervisor:
         child.process = await asyncio.create_subprocess_exec(
             *self._command(child),
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "EDARUN_SERVICE": child.label},
             start_new_session=True,  # Ctrl-C reaches the supervisor, which drains the services
         )
         child.started_at = time.monotonic()
         child.exited.clear()
-        task = asyncio.create_task(self._follow(child, child.process), name=f"follow {child.label}")
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
+        for follower in (self._follow(child, child.process), self._relay_logs(child, child.process)):
+            task = asyncio.create_task(follower, name=f"follow {child.label}")
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+
+    async def _relay_logs(self, child: Child, process: asyncio.subprocess.Process) -> None:
+        """A service's log lines, through this process's logging: on a terminal they scroll above
+        the live table instead of through it."""
+        assert process.stderr is not None
+        relay = logging.getLogger(child.label)
+        async for raw in process.stderr:
+            text = raw.decode("utf-8", errors="replace").rstrip()
+            if text:
+                level, _, rest = text.partition(" ")
+                known = logging.getLevelName(level)
+                if isinstance(known, int):
+                    relay.log(known, "%s", rest)
+                else:
+                    relay.info("%s", text)
 
     async def _follow(self, child: Child, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None

@@ -225,6 +225,7 @@ class Supervisor:
             outcome = await self._watch(broker)
         finally:
             self.stopping = True
+            self.stop_requested.set()  # wakes a service waiting out its restart back-off
             if started:
                 await self._stop_children()
                 self._merge()

@@ -155,6 +155,7 @@ def service(
     broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
     traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
     skip: Annotated[int, typer.Option(help="producer: source events already published")] = 0,
+    counters: Annotated[Path | None, typer.Option(help="mirror the counters into this file")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
 ) -> None:
     """Run one service of a pipeline in this process (what `up` starts per service on RabbitMQ)."""
@@ -168,7 +169,9 @@ def service(
         stream=sys.stderr,
     )
     _quiet_libraries(verbose=False)
-    options = RunOptions(broker=broker, traces=traces, connect_timeout=connect_timeout, skip={name: skip})
+    options = RunOptions(
+        broker=broker, traces=traces, connect_timeout=connect_timeout, skip={name: skip}, counters=counters
+    )
     try:
         code = run_service(loaded, name, options)
     except RunError as exc:

@@ -180,6 +180,10 @@ class AmqpSubscription:
         if self._amqp_queue is not None and self._consumer_tag is not None:
             with contextlib.suppress(*_RETRYABLE):
                 await self._amqp_queue.cancel(self._consumer_tag)
+        # Prefetched but not handed out: not started, so not ours to finish. They stay unacked and
+        # go back to the queue when the channel closes, instead of delaying the stop by a window.
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
         self._inbox.put_nowait(_STOP)
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ from ..config.loader import LoadedPipeline
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
 from .consumer import ConsumerService
+from .counters import SharedCounters
 from .dashboard import dashboard_queue
 from .producer import ProducerService
 from .stats import ConsumerStats, ProducerStats, RunStats
@@ -56,6 +57,7 @@ class RunOptions:
     # This process runs one instance of one service (started by the supervisor); otherwise a
     # consumer's `instances` run here side by side.
     single_service: bool = False
+    counters: Path | None = None  # a service process: mirror its counters here (runtime.counters)
 
 
 def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
@@ -161,6 +163,11 @@ class Runner:
                     executor=self.executor,
                 )
             )
+        if self.options.counters is not None:
+            mirror = SharedCounters(self.options.counters)
+            everything = [*self.stats.consumers.values(), *self.stats.producers.values()]
+            for service in consumers:
+                service.mirror = lambda: mirror.write(*everything)
         producers = []
         for name in self.producer_names:
             producer = model.producers[name]
@@ -177,6 +184,10 @@ class Runner:
                     skip=self.options.skip.get(name, 0),
                 )
             )
+        if self.options.counters is not None:
+            everything = [*self.stats.consumers.values(), *self.stats.producers.values()]
+            for producer_service in producers:
+                producer_service.mirror = lambda: mirror.write(*everything)
         return producers, consumers
 
     # -- running -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -71,6 +71,8 @@ class ConsumerService:
         self.dashboard = Dashboard(self.publisher, name, stats, parked)
         self.retries = Retries()
         self._stopping = asyncio.Event()
+        # Called after each delivery, before its acknowledgement leaves (runtime.counters).
+        self.mirror: Callable[[], None] | None = None
         self.prefetch = spec.prefetch or DEFAULT_PREFETCH
         self.workers: dict[int, asyncio.Task[None]] = {}
         self.subscriptions: dict[int, Subscription] = {}
@@ -230,6 +232,8 @@ class ConsumerService:
                 await process(envelope)
             finally:
                 stats.in_flight -= 1
+                if self.mirror is not None:
+                    self.mirror()
 
     def held(self) -> int:
         """Deliveries this service holds unsettled: the broker counts them as unacknowledged."""

@@ -13,15 +13,19 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..brokers import Broker
 from ..config.loader import LoadedPipeline
 from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, Runner, RunOptions, queues_of
+from .counters import read_counters
 from .dashboard import dashboard_queue
 from .stats import ConsumerStats, ProducerStats, RunStats
 
@@ -80,6 +84,7 @@ class Supervisor:
         self.stopping = False
         self.stop_requested = asyncio.Event()
         self._followers: set[asyncio.Task[None]] = set()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"edarun-{model.name}-"))
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -93,7 +98,11 @@ class Supervisor:
             command += ["--traces", options.traces]
         if child.kind == "producer":
             command += ["--skip", str(child.base.get("confirmed", 0))]
+        command += ["--counters", str(self._counters_file(child))]
         return command
+
+    def _counters_file(self, child: Child) -> Path:
+        return self._workdir / f"{child.label.replace('#', '-')}.counters"
 
     async def _spawn(self, child: Child) -> None:
         child.process = await asyncio.create_subprocess_exec(
@@ -164,8 +173,17 @@ class Supervisor:
         child.exited.set()
 
     def _fold(self, child: Child) -> None:
-        """Add a finished incarnation's counters to the child's running totals."""
+        """Add a finished incarnation's counters to the child's running totals.
+
+        The memory-mapped counters are fresher than the last line after a `kill -9`; the file is
+        removed so the next incarnation starts from zero.
+        """
         counters = child.counters()
+        path = self._counters_file(child)
+        for key, value in read_counters(path).items():
+            if key != "restarts" or child.kind == "consumer":
+                counters[key] = max(int(counters.get(key, 0)), value)
+        path.unlink(missing_ok=True)
         for key in ("published", "rejected", *_SUMMED):
             if key in counters:
                 child.base[key] = child.base.get(key, 0) + int(counters[key])
@@ -234,6 +252,7 @@ class Supervisor:
                     await self._sample(broker)
                 await broker.close()
             self._remove_signals()
+            shutil.rmtree(self._workdir, ignore_errors=True)
             self.plan.stats = self.stats
             self.plan._write_report(outcome)
             if self.options.view is not None and started:

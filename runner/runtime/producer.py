@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class ProducerService:
         self.stopping = asyncio.Event()
         self.window = getattr(broker, "publish_window", 1)
         self.skip = skip
+        self.mirror: Callable[[], None] | None = None  # see runtime.counters
 
     def target(self, event: dict[str, Any]) -> str:
         assert self.spec.to is not None  # routing producers are refused before start
@@ -120,6 +122,8 @@ class ConfirmWindow:
         else:
             self.stats.published += 1
         self.settled(index)
+        if producer.mirror is not None:
+            producer.mirror()
 
     async def publish(self, index: int, queue: str, event: dict[str, Any]) -> None:
         if self.size <= 1:

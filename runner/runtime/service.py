@@ -67,4 +67,5 @@ def run_service(loaded: LoadedPipeline, name: str, options: RunOptions) -> int:
     options.single_service = True
     options.view = StatsLines(sys.stdout)
     options.report = None
+    # options.counters comes from the supervisor (--counters): the file it reads after a kill.
     return asyncio.run(Runner(loaded, options).run())

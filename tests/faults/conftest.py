@@ -23,13 +23,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import AMQP_URL, PipelineFactory, amqp_available, delete_queues
 
 LOG_ENV = "EDARUN_FAULT_LOG"
@@ -183,7 +182,9 @@ class Scenario:
         found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=10)
         return sorted(int(pid) for pid in found.stdout.split())
 
-    def wait_pids(self, service: str, count: int = 1, *, other_than: set[int] = frozenset(), timeout: float = 20.0) -> list[int]:  # type: ignore[assignment]
+    def wait_pids(
+        self, service: str, count: int = 1, *, other_than: Collection[int] = (), timeout: float = 20.0
+    ) -> list[int]:
         """Wait until `count` processes of `service` run (none of them in `other_than`)."""
         found: list[int] = []
         deadline = time.monotonic() + timeout

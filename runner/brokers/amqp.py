@@ -37,6 +37,7 @@ _RETRYABLE = (
 _PUBLISH_GIVE_UP_S = 120.0
 _RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach a broker that went away
 _STOP = object()
+_ACK_DELAY = 0.005  # seconds an acknowledgement may wait to share a frame with later ones
 
 
 class AmqpDelivery:
@@ -63,14 +64,17 @@ class AmqpSubscription:
     """One consumer on its own channel (its own prefetch window; closing it returns what it held).
 
     Acknowledgements are batched: the highest delivery tag below which everything is settled is
-    acknowledged with `multiple=True` once per loop iteration, instead of a frame per message.
+    acknowledged with `multiple=True` once a quarter of the prefetch window has settled, or 5 ms
+    after the first of them, instead of a frame per message.
     """
 
     def __init__(self, broker: AmqpBroker, queue: str, prefetch: int) -> None:
         self.broker = broker
         self.queue = queue
         self.prefetch = prefetch
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        # Deliveries received and not yet handed out, and the worker waiting for one.
+        self._inbox: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._amqp_queue: Any = None
         self._consumer_tag: str | None = None
@@ -80,7 +84,9 @@ class AmqpSubscription:
         self._outstanding: deque[int] = deque()
         self._settled: set[int] = set()
         self._nacked: set[int] = set()
-        self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._unflushed = 0
+        self._batch = max(1, prefetch // 4)
         self._acks_in_flight: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -100,18 +106,31 @@ class AmqpSubscription:
             self._settled.clear()
             self._nacked.clear()
         self._outstanding.append(message.delivery_tag or 0)
-        self._inbox.put_nowait((channel, message))
+        self._put((channel, message))
+
+    def _put(self, item: Any) -> None:
+        self._inbox.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
 
     async def __anext__(self) -> Delivery:
-        if self._cancelled and self._inbox.empty():
-            raise StopAsyncIteration
+        inbox = self._inbox
         while True:
-            item = await self._inbox.get()
+            while not inbox:
+                if self._cancelled:
+                    raise StopAsyncIteration
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            item = inbox.popleft()
             if item is _STOP:
-                self._inbox.put_nowait(_STOP)  # every later call ends too
+                inbox.appendleft(_STOP)  # every later call ends too
                 raise StopAsyncIteration
             channel, message = item
             if channel is self._underlay and not channel.is_closed:
@@ -132,9 +151,11 @@ class AmqpSubscription:
     def ack(self, channel: Any, tag: int) -> None:
         if self._current(channel, tag):
             self._settled.add(tag)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._unflushed += 1
+            if self._unflushed >= self._batch:
+                self._flush()
+            elif self._flush_timer is None:
+                self._flush_timer = asyncio.get_running_loop().call_later(_ACK_DELAY, self._flush)
 
     async def nack(self, channel: Any, tag: int, requeue: bool) -> None:
         if not self._current(channel, tag):
@@ -160,7 +181,10 @@ class AmqpSubscription:
         return highest
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._unflushed = 0
         highest = self._advance()
         channel = self._underlay
         if highest is None or channel is None or channel.is_closed:
@@ -182,9 +206,8 @@ class AmqpSubscription:
                 await self._amqp_queue.cancel(self._consumer_tag)
         # Prefetched but not handed out: not started, so not ours to finish. They stay unacked and
         # go back to the queue when the channel closes, instead of delaying the stop by a window.
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
-        self._inbox.put_nowait(_STOP)
+        self._inbox.clear()
+        self._put(_STOP)
 
     async def close(self) -> None:
         await self.cancel()

@@ -22,6 +22,7 @@ from ..brokers import Broker, BrokerError, connect_url
 from ..config.loader import LoadedPipeline
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
+from . import loop as event_loop
 from .consumer import ConsumerService
 from .counters import SharedCounters
 from .dashboard import dashboard_queue
@@ -320,4 +321,4 @@ class Runner:
 
 def run_pipeline(loaded: LoadedPipeline, options: RunOptions) -> int:
     """Run `loaded` to its end; returns the exit code. Raises RunError when it cannot start."""
-    return asyncio.run(Runner(loaded, options).run())
+    return event_loop.run(Runner(loaded, options).run())

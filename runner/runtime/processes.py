@@ -24,6 +24,7 @@ from typing import Any
 
 from ..brokers import Broker
 from ..config.loader import LoadedPipeline
+from . import loop as event_loop
 from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, Runner, RunOptions, queues_of
 from .counters import read_counters
 from .dashboard import dashboard_queue
@@ -344,4 +345,4 @@ class Supervisor:
 
 def supervise(loaded: LoadedPipeline, options: RunOptions) -> int:
     """Run every service of `loaded` in its own process until idle or stopped; the exit code."""
-    return asyncio.run(Supervisor(loaded, options).run())
+    return event_loop.run(Supervisor(loaded, options).run())

@@ -9,6 +9,7 @@ from ..brokers import BrokerError, connect_url
 from ..config.loader import LoadedPipeline
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
+from . import loop as event_loop
 from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queue_types, queues_of
 from .publisher import Publisher
 
@@ -49,4 +50,4 @@ def send_event(
     loaded: LoadedPipeline, queue: str, event: dict[str, Any], broker_url: str | None, timeout: float
 ) -> str:
     """Publish one event to a queue of a pipeline's broker; returns its message id."""
-    return asyncio.run(send(loaded, queue, event, broker_url, timeout))
+    return event_loop.run(send(loaded, queue, event, broker_url, timeout))

@@ -13,6 +13,7 @@ import time
 from typing import IO, Any
 
 from ..config.loader import LoadedPipeline
+from . import loop as event_loop
 from .app import Runner, RunOptions
 from .stats import RunStats
 
@@ -60,7 +61,6 @@ def run_service(loaded: LoadedPipeline, name: str, options: RunOptions) -> int:
 
     A producer ends when its source is exhausted; a consumer runs until SIGTERM, then drains.
     """
-    import asyncio
 
     options.only = [name]
     options.until_idle = name in loaded.model.producers
@@ -68,4 +68,4 @@ def run_service(loaded: LoadedPipeline, name: str, options: RunOptions) -> int:
     options.view = StatsLines(sys.stdout)
     options.report = None
     # options.counters comes from the supervisor (--counters): the file it reads after a kill.
-    return asyncio.run(Runner(loaded, options).run())
+    return event_loop.run(Runner(loaded, options).run())

@@ -98,7 +98,10 @@ async def test_close_returns_unacked_marked(broker: Broker, queue_name: str) -> 
     await sub.close()
     other = await broker.consume(queue_name, prefetch=10)
     got = await take(other, 3)
-    assert [(d.body, d.redelivered) for d in got] == [(b"1", True), (b"2", False), (b"3", False)]
+    assert [d.body for d in got] == [b"1", b"2", b"3"]
+    # "1" was handed out; "2" may have reached the closed consumer's prefetch buffer too (on
+    # RabbitMQ), which also counts as a delivery: only "3" is certainly fresh.
+    assert got[0].redelivered and not got[2].redelivered
     for d in got:
         await d.ack()
     await other.close()

@@ -5,6 +5,8 @@ each line, put it on an asyncio.Queue, take it off in a consumer task and call t
 handler. edarun adds encoding, message ids, acknowledgements, counters and (optionally) tracing.
 
     python benchmarks/memory_throughput.py [--events 100000] [--repeat 3]
+
+Both the floor and edarun run on the loop edarun uses: uvloop, or asyncio with EDARUN_LOOP=asyncio.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.config.loader import load_pipeline
+from runner.runtime import loop as event_loop
 from runner.runtime.app import Runner, RunOptions
 
 HANDLER = "async def noop(event, ctx):\n    return None\n"
@@ -82,7 +86,7 @@ def edarun(folder: Path, count: int, traces: str, prefetch: int) -> float:
     loaded = load_pipeline(folder / "bench.yaml")
     runner = Runner(loaded, RunOptions(until_idle=True))
     start = time.perf_counter()
-    code = asyncio.run(runner.run())
+    code = event_loop.run(runner.run())
     elapsed = time.perf_counter() - start
     processed = runner.stats.consumers["sink"].processed
     if code != 0 or processed != count:
@@ -110,11 +114,12 @@ def main() -> None:
         rows: dict[str, list[float]] = {FLOOR: [], OFF: [], ON: []}
         # Interleaved, so a noisy neighbour slows every row alike rather than one of them.
         for _ in range(args.repeat):
-            rows[FLOOR].append(asyncio.run(floor(folder, args.events)))
+            rows[FLOOR].append(event_loop.run(floor(folder, args.events)))
             rows[OFF].append(edarun(folder, args.events, "none", args.prefetch))
             rows[ON].append(edarun(folder, args.events, "file", args.prefetch))
     base = statistics.median(next(iter(rows.values())))
-    table = Table(title=f"memory throughput, {args.events:,} events, median of {args.repeat}")
+    loop_name = "asyncio" if os.environ.get("EDARUN_LOOP") == "asyncio" else "uvloop"
+    table = Table(title=f"memory throughput, {args.events:,} events, median of {args.repeat}, {loop_name}")
     table.add_column("run")
     table.add_column("events/s", justify="right")
     table.add_column("% of floor", justify="right")

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -196,7 +195,7 @@ class Runner:
     async def run(self) -> int:
         """Run until idle (with --until-idle) or until stopped; returns the exit code."""
         self.stop_requested = asyncio.Event()
-        self._install_signals()
+        event_loop.on_stop_signals(self.request_stop)
         tracing = Tracing()
         broker: Broker | None = None
         outcome = "failed"
@@ -226,7 +225,7 @@ class Runner:
         except RunError:
             raise
         finally:
-            self._remove_signals()
+            event_loop.default_signals()
             if broker is not None:
                 await broker.close()
             await asyncio.to_thread(tracing.shutdown)
@@ -297,19 +296,6 @@ class Runner:
     def request_stop(self) -> None:
         if self.stop_requested is not None:
             self.stop_requested.set()
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # Outside the main thread (tests) there are no signal handlers: use request_stop().
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
-
-    def _remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
 
     def _write_report(self, outcome: str) -> None:
         if self.options.report is None:

@@ -7,8 +7,10 @@ does a socket write and several loop turns per message. `EDARUN_LOOP=asyncio` op
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Coroutine
+import signal
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,3 +25,22 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def on_stop_signals(callback: Callable[[], None]) -> None:
+    """Ctrl-C and SIGTERM call `callback` (a drain) instead of interrupting whatever runs."""
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        # Outside the main thread (tests) there are no signal handlers: stop with the callback.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, callback)
+
+
+def default_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(sig)

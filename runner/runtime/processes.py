@@ -226,7 +226,7 @@ class Supervisor:
     # -- running -------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        self._install_signals()
+        event_loop.on_stop_signals(self.request_stop)
         broker: Broker | None = None
         outcome = "failed"
         started = False
@@ -252,7 +252,7 @@ class Supervisor:
                 if started:
                     await self._sample(broker)
                 await broker.close()
-            self._remove_signals()
+            event_loop.default_signals()
             shutil.rmtree(self._workdir, ignore_errors=True)
             self.plan.stats = self.stats
             self.plan._write_report(outcome)
@@ -329,18 +329,6 @@ class Supervisor:
 
     def request_stop(self) -> None:
         self.stop_requested.set()
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
-
-    def _remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
 
 
 def supervise(loaded: LoadedPipeline, options: RunOptions) -> int:

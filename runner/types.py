@@ -19,7 +19,7 @@ Handler = Callable[[Event, Any], HandlerResult | Awaitable[HandlerResult]]
 class Envelope:
     """One delivery on its way through the stack, and what the layers learned about it."""
 
-    __slots__ = ("attempt", "ctx", "delivery", "event", "failed", "settled", "span", "worker")
+    __slots__ = ("attempt", "context", "ctx", "delivery", "event", "failed", "settled", "span", "worker")
 
     def __init__(self, delivery: Delivery, worker: int, attempt: int) -> None:
         self.delivery = delivery
@@ -28,6 +28,7 @@ class Envelope:
         self.event: Event | None = None
         self.ctx: Any = None
         self.span: Any = None
+        self.context: Any = None  # the ordering key's value (thread delegate), or None
         # True once a layer has acknowledged the delivery or handed it on (retry, parking).
         self.settled = False
         # True once the handler failed and on_error took the event (retry scheduled, parked).

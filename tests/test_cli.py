@@ -162,13 +162,13 @@ def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type:
         producers:
           feed: {{source: file(events.jsonl), to: work}}
         consumers:
-          worker: {{from: work, handler: "{mod}:handle", ordering: by_context(account), concurrency: 2}}
+          worker: {{from: work, handler: "{mod}:handle", priority_lane: true, concurrency: 2}}
         """
     )
     assert edarun("validate", str(path)).returncode == 0
     result = edarun("up", str(path), "--until-idle")
     assert result.returncode == 2
-    assert "consumers.worker.ordering" in result.stderr and "Traceback" not in result.stderr
+    assert "consumers.worker.priority_lane" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_graph_schema_and_redaction(factory, jsonl) -> None:  # type: ignore[no-untyped-def]

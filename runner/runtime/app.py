@@ -139,6 +139,9 @@ class Runner:
             ) from None
         return broker
 
+    def _most_workers(self, spec: Any) -> int:
+        return int(spec.autoscale.max) if spec.autoscale else self._workers(spec)
+
     def _workers(self, spec: Any) -> int:
         instances = 1 if self.options.single_service else spec.instances
         return (spec.concurrency or 1) * instances
@@ -146,7 +149,8 @@ class Runner:
     def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[ConsumerService]]:
         model, loaded = self.loaded.model, self.loaded
         consumers = []
-        threads = sum(self._workers(model.consumers[n]) for n in self.consumer_names)
+        # Enough threads for every sync handler call that can run at once (autoscale's max too).
+        threads = sum(self._most_workers(model.consumers[n]) for n in self.consumer_names)
         self.executor = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="edarun-handler")
         for name in self.consumer_names:
             spec = model.consumers[name]
@@ -211,7 +215,9 @@ class Runner:
             producers, consumers = self._build(broker, tracing)
             self.started = True
             for consumer in consumers:
-                consumer.start(self._workers(consumer.spec))
+                # A supervised consumer sizes itself; with several processes each takes its share.
+                instances = consumer.spec.instances if self.options.single_service else 1
+                consumer.start(self._workers(consumer.spec), instances=instances)
             tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
             for task in tasks:
                 task.add_done_callback(self._producer_done)

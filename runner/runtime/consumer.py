@@ -8,7 +8,6 @@ The stack, outermost first (written down here and nowhere else):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -19,21 +18,22 @@ from typing import Any
 
 import orjson
 
-from ..brokers import Broker, Subscription
+from ..brokers import Broker
 from ..config.models import Consumer
 from ..patterns.dedupe import dedupe
 from ..patterns.forwarding import forwarding
+from ..patterns.ordering import OrderedWorkers
+from ..patterns.supervisor import Supervisor, describe_decision
 from ..telemetry import Tracing
 from ..types import CallNext, Envelope, Handler, Layer
 from .context import EMPTY_CONFIG, Context
 from .dashboard import Dashboard
-from .failures import Retries, describe, on_error
-from .publisher import ATTEMPT, Publisher
+from .failures import Retries, on_error
+from .pool import IndependentWorkers, WorkerPool
+from .publisher import Publisher
 from .stats import ConsumerStats
 
 DEFAULT_PREFETCH = 100
-_RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
-_HEALTHY_AFTER = 30.0
 
 
 class HandlerResultError(TypeError):
@@ -70,13 +70,14 @@ class ConsumerService:
         self.publisher = Publisher(broker, tracing, service=name)
         self.dashboard = Dashboard(self.publisher, name, stats, parked)
         self.retries = Retries()
-        self._stopping = asyncio.Event()
         # Called after each delivery, before its acknowledgement leaves (runtime.counters).
         self.mirror: Callable[[], None] | None = None
         self.prefetch = spec.prefetch or DEFAULT_PREFETCH
-        self.workers: dict[int, asyncio.Task[None]] = {}
-        self.subscriptions: dict[int, Subscription] = {}
+        self.max_workers = spec.autoscale.max if spec.autoscale else (spec.concurrency or 1)
         self._process = self.build_stack()
+        self.pool: WorkerPool = self._pool()
+        self.supervisor: Supervisor | None = None
+        self._supervising: asyncio.Task[None] | None = None
 
     # -- the consume stack ---------------------------------------------------------------------
 
@@ -93,6 +94,7 @@ class ConsumerService:
                 retries=self.retries,
                 tracing=self.tracing,
                 republish=self._republish,
+                in_place=self.spec.ordering is not None,
             ),
         ]
         call: CallNext = self._invoke
@@ -183,72 +185,47 @@ class ConsumerService:
 
     # -- workers -------------------------------------------------------------------------------
 
-    def start(self, count: int) -> None:
-        for _ in range(count):
-            worker = max(self.workers, default=0) + 1
-            self.workers[worker] = asyncio.create_task(self._supervised(worker), name=f"{self.name}#{worker}")
-        self.stats.consumers = len(self.workers)
-        self.stats.max_consumers = max(self.stats.max_consumers, self.stats.consumers)
+    def _pool(self) -> WorkerPool:
+        common = dict(
+            name=self.name, queue=self.queue, broker=self.broker, process=self._process,
+            stats=self.stats, after_each=self._after_each,
+        )  # fmt: skip
+        if self.spec.ordering is not None:
+            # One subscription feeds every worker: enough prefetch that other contexts progress
+            # while one is slow.
+            prefetch = self.spec.prefetch or max(DEFAULT_PREFETCH, 20 * self.max_workers)
+            return OrderedWorkers(prefetch=prefetch, field=self.spec.ordering.by, **common)  # type: ignore[arg-type]
+        return IndependentWorkers(prefetch=self.prefetch, **common)  # type: ignore[arg-type]
 
-    async def _supervised(self, worker: int) -> None:
-        """Run one worker; an unexpected crash (not a handler error) restarts it with back-off."""
-        loop = asyncio.get_running_loop()
-        failures = 0
-        while not self._stopping.is_set():
-            started = loop.time()
-            try:
-                await self._work(worker)
-                return
-            except (asyncio.CancelledError, GeneratorExit):
-                raise
-            except BaseException as exc:  # SystemExit from a handler too: that worker died
-                subscription = self.subscriptions.pop(worker, None)
-                if subscription is not None:
-                    await subscription.close()  # what it held goes back to the queue
-                if loop.time() - started > _HEALTHY_AFTER:
-                    failures = 0  # a worker that ran well for a while starts its back-off afresh
-                delay = _RESTART_BACKOFF[min(failures, len(_RESTART_BACKOFF) - 1)]
-                failures += 1
-                self.stats.restarts += 1
-                self.log.error(
-                    "%s worker %d crashed (%s); restarting in %.1fs", self.name, worker, describe(exc), delay
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+    def _after_each(self) -> None:
+        if self.mirror is not None:
+            self.mirror()
 
-    async def _work(self, worker: int) -> None:
-        subscription = await self.broker.consume(self.queue, prefetch=self.prefetch)
-        self.subscriptions[worker] = subscription
-        if self._stopping.is_set():  # drain began while this worker was (re)starting
+    def start(self, count: int, *, instances: int = 1) -> None:
+        policy = self.spec.autoscale
+        if policy is None:
+            self.pool.start(count)
             return
-        stats = self.stats
-        process = self._process
-        async for delivery in subscription:
-            attempt = delivery.headers.get(ATTEMPT, 1)
-            envelope = Envelope(delivery, worker, attempt if isinstance(attempt, int) else 1)
-            stats.in_flight += 1
-            stats.received += 1
-            try:
-                await process(envelope)
-            finally:
-                stats.in_flight -= 1
-                if self.mirror is not None:
-                    self.mirror()
+        self.pool.start(policy.min)
+        self.supervisor = Supervisor(
+            policy, consumer=self.name, queues=[self.queue], broker=self.broker, pool=self.pool,
+            instances=instances, decided=self._scaled,
+        )  # fmt: skip
+        self._supervising = asyncio.create_task(self.supervisor.run(), name=f"{self.name} supervisor")
+
+    def _scaled(self, before: int, after: int, depth: int) -> None:
+        self.tracing.decision(f"autoscale {self.name}", describe_decision(before, after, depth))
 
     def held(self) -> int:
         """Deliveries this service holds unsettled: the broker counts them as unacknowledged."""
-        return sum(sub.held for sub in self.subscriptions.values())
+        return self.pool.held()
 
     async def drain(self) -> None:
         """Stop taking deliveries, let in-flight calls finish and acknowledge, flush retries."""
-        self._stopping.set()
-        for subscription in list(self.subscriptions.values()):
-            await subscription.cancel()
-        if self.workers:
-            await asyncio.gather(*self.workers.values(), return_exceptions=True)
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            if self._supervising is not None:
+                await self._supervising
+        await self.pool.drain()
         await self.retries.flush()
-        for subscription in self.subscriptions.values():
-            await subscription.close()  # nothing should be left; whatever is goes back, marked
-        self.subscriptions.clear()
-        self.workers.clear()
-        self.stats.consumers = 0
+        await self.pool.close()  # nothing should be left; whatever is goes back, marked

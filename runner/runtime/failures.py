@@ -55,6 +55,18 @@ class Retries:
 Republish = Callable[[str, bytes, str, dict[str, Any]], Awaitable[None]]
 
 
+class RetryInPlace(Exception):
+    """Raised to an ordered worker: run this delivery again after `delay`, keeping its place.
+
+    A copy republished to the queue would land behind later events of its context; an ordered
+    consumer instead holds the delivery (unacknowledged) and blocks only its own context.
+    """
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
+
+
 def on_error(
     policy: OnError,
     *,
@@ -63,6 +75,7 @@ def on_error(
     retries: Retries,
     tracing: Tracing,
     republish: Republish,
+    in_place: bool = False,
 ) -> Layer:
     """The layer that turns a handler failure into a retry or a parked event."""
 
@@ -97,7 +110,6 @@ def on_error(
         envelope.failed = True
         attempt = envelope.attempt
         delivery = envelope.delivery
-        acked, envelope.settled = envelope.settled, True
         if policy.action == "retry" and attempt <= policy.retries:
             stats.retried += 1
             delay = min(policy.backoff * 2 ** (attempt - 1), policy.max_backoff)
@@ -106,8 +118,12 @@ def on_error(
                 "%s: %s failed at attempt %d (%s); retry in %.2fs",
                 dashboard.consumer, delivery.message_id, attempt, error, delay,
             )  # fmt: skip
+            if in_place:
+                raise RetryInPlace(delay)
+            acked, envelope.settled = envelope.settled, True
             retries.start(retry_later(envelope, delay, acked))
             return
+        acked, envelope.settled = envelope.settled, True
         tracing.failed(envelope.span, failure, {"edarun.workflow.action": "park"})
         log.warning(
             "%s: %s parked after %d attempt(s): %s", dashboard.consumer, delivery.message_id, attempt, error

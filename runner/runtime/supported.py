@@ -27,10 +27,6 @@ def unsupported(model: Pipeline) -> list[str]:
             refuse(f"producers.{name}.priority", "priority marking (pattern 3)")
     for name, consumer in model.consumers.items():
         where = f"consumers.{name}"
-        if consumer.ordering:
-            refuse(f"{where}.ordering", "thread delegate (pattern 2)")
-        if consumer.autoscale:
-            refuse(f"{where}.autoscale", "supervisor consumer (pattern 5)")
         if consumer.priority_lane:
             refuse(f"{where}.priority_lane", "ambulance / carpool (pattern 3)")
         if consumer.on_error.action == "workflow":

@@ -206,6 +206,16 @@ class Tracing:
         if span.is_recording():
             span.add_event(name, redacting_attributes(attributes))
 
+    def decision(self, name: str, attributes: dict[str, object]) -> None:
+        """A pattern decision outside any message (a supervisor scaling a consumer): a short
+        INTERNAL span of its own, with the decision as attributes and as an event."""
+        if not self.enabled or self._tracer is None:
+            return
+        clean = redacting_attributes(attributes)
+        span = self._tracer.start_span(name, context=Context(), kind=SpanKind.INTERNAL, attributes=clean)
+        span.add_event(name, clean)
+        span.end()
+
     def failed(self, span: Span | None, error: BaseException, attributes: dict[str, object]) -> None:
         """Mark a handler call's span as failed when the failure is handled rather than raised
         (a retry scheduled, an event parked), with what edarun decided in `attributes`."""

@@ -1,0 +1,366 @@
+"""Thread delegate (pattern 2): `ordering: by_context(field)` keeps each context in publish order.
+
+One subscription reads the queue in order; a dispatcher task owns the allocation map (context →
+worker) and the in-flight count per (worker, context). A context already allocated goes to its
+worker; a new one to the least-loaded worker; when a (worker, context) count drops to 0 the context
+is released. Each worker keeps a lane per context and runs the head of a lane that is not waiting
+out a retry, so a failing event blocks its own context only. Workers talk to the dispatcher through
+its inbox; nothing else touches the maps.
+
+Events without the field (or whose body does not decode) have no context: each is independent and
+goes to the least-loaded worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from ..brokers import Broker, Delivery, Subscription
+from ..runtime.failures import RetryInPlace, describe
+from ..runtime.pool import Process, backoff, envelope_for
+from ..runtime.stats import ConsumerStats
+from ..types import Envelope, lookup
+
+Hashable = str | int | float | bool
+_NO_CONTEXT = object()
+
+
+def context_of(body: bytes, field: str) -> Any:
+    """The context value of a message body, or None when there is none to order by."""
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    value = lookup(event, field)
+    return value if isinstance(value, Hashable) else None
+
+
+class Lanes:
+    """One worker's pending events, a FIFO lane per context; the worker runs one event at a time."""
+
+    def __init__(self) -> None:
+        self.lanes: OrderedDict[Any, deque[Envelope]] = OrderedDict()
+        self.blocked_until: dict[Any, float] = {}
+        self.retiring = False
+        self.stopped = False
+        self._signal: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self.lanes.values())
+
+    def put(self, key: Any, envelope: Envelope) -> None:
+        self.lanes.setdefault(key, deque()).append(envelope)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._signal is not None and not self._signal.done():
+            self._signal.set_result(None)
+
+    def _runnable(self, now: float) -> tuple[Any, Envelope] | None:
+        for key, lane in self.lanes.items():
+            if lane and self.blocked_until.get(key, 0.0) <= now:
+                self.lanes.move_to_end(key)  # round-robin between contexts
+                return key, lane[0]
+        return None
+
+    async def next(self) -> tuple[Any, Envelope] | None:
+        """The head of a runnable lane; None once retiring and empty."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.stopped:
+                return None
+            found = self._runnable(loop.time())
+            if found is not None:
+                return found
+            if self.retiring and not len(self):
+                return None
+            self._signal = loop.create_future()
+            if self.blocked_until and self._timer is None:
+                wake_at = min(self.blocked_until.values())
+                self._timer = loop.call_at(wake_at, self._timer_fired)
+            try:
+                await self._signal
+            finally:
+                self._signal = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def block(self, key: Any, delay: float) -> None:
+        """Hold the context's head for `delay` (a retry back-off); other lanes go on."""
+        self.blocked_until[key] = asyncio.get_running_loop().time() + delay
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def pop(self, key: Any) -> None:
+        lane = self.lanes[key]
+        lane.popleft()
+        self.blocked_until.pop(key, None)
+        if not lane:
+            del self.lanes[key]
+
+    def retire(self) -> None:
+        self.retiring = True
+        self._wake()
+
+    def stop(self) -> None:
+        """Drain: the worker finishes its current event and takes no other."""
+        self.stopped = True
+        self._wake()
+
+
+class Dispatcher:
+    """Owns the allocation map; everything reaches it as a message in its inbox."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.allocation_map: dict[Any, int] = {}
+        self.in_flight: Counter[tuple[int, Any]] = Counter()
+        self.load: dict[int, int] = {}  # events given to a worker and not finished
+        self.lanes: dict[int, Lanes] = {}
+        self.inbox: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
+        self._unique = 0
+
+    # -- what other tasks send -----------------------------------------------------------------
+
+    def deliver(self, delivery: Delivery, make: Callable[[Delivery, int], Envelope]) -> None:
+        self.inbox.put_nowait(("deliver", delivery, make))
+
+    def finished(self, worker: int, key: Any) -> None:
+        self.inbox.put_nowait(("finished", worker, key))
+
+    def add_worker(self, worker: int) -> Lanes:
+        lanes = self.lanes[worker] = Lanes()
+        self.load[worker] = 0
+        return lanes
+
+    def retire_worker(self, worker: int) -> None:
+        self.inbox.put_nowait(("retire", worker, None))
+
+    # -- the owner task ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            kind, first, second = await self.inbox.get()
+            if kind == "deliver":
+                self._route(first, second)
+            elif kind == "finished":
+                self._release(first, second)
+            elif kind == "retire":
+                self._retire(first)
+
+    def _route(self, delivery: Delivery, make: Callable[[Delivery, int], Envelope]) -> None:
+        context = context_of(delivery.body, self.field)
+        if context is None:
+            self._unique += 1
+            key: Any = (_NO_CONTEXT, self._unique)  # its own lane, ordered with nothing
+            worker = self._least_loaded()
+        else:
+            key = context
+            allocated = self.allocation_map.get(context)
+            worker = allocated if allocated is not None else self._least_loaded()
+            self.allocation_map[context] = worker
+        self.in_flight[(worker, key)] += 1
+        self.load[worker] += 1
+        envelope = make(delivery, worker)
+        envelope.context = context
+        self.lanes[worker].put(key, envelope)
+
+    def _least_loaded(self) -> int:
+        candidates = [w for w, lanes in self.lanes.items() if not lanes.retiring] or list(self.lanes)
+        return min(candidates, key=lambda w: (self.load[w], w))
+
+    def _release(self, worker: int, key: Any) -> None:
+        self.in_flight[(worker, key)] -= 1
+        self.load[worker] -= 1
+        if self.in_flight[(worker, key)] <= 0:
+            del self.in_flight[(worker, key)]
+            if self.allocation_map.get(key) == worker:
+                del self.allocation_map[key]  # released: its next event may go anywhere
+
+    def _retire(self, worker: int) -> None:
+        lanes = self.lanes.get(worker)
+        if lanes is not None:
+            lanes.retire()  # it finishes what it holds; new contexts go elsewhere
+
+    def forget(self, worker: int) -> None:
+        """A retired worker has stopped."""
+        self.lanes.pop(worker, None)
+        self.load.pop(worker, None)
+
+    def idle_workers(self) -> list[int]:
+        return [w for w, lanes in self.lanes.items() if not lanes.retiring and self.load.get(w, 0) == 0]
+
+
+class OrderedWorkers:
+    """The worker pool of an ordered consumer: one subscription, a dispatcher, lane workers.
+
+    Same interface as `runtime.pool.IndependentWorkers`, so autoscaling works the same way. A
+    worker that dies (a handler raising SystemExit) takes the pool down with it, like a process:
+    every unacknowledged delivery goes back to the queue, marked, and the pool restarts afresh.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        queue: str,
+        broker: Broker,
+        prefetch: int,
+        process: Process,
+        stats: ConsumerStats,
+        field: str,
+        after_each: Callable[[], None] | None = None,
+    ) -> None:
+        self.name, self.queue, self.broker, self.prefetch = name, queue, broker, prefetch
+        self.process, self.stats, self.field, self.after_each = process, stats, field, after_each
+        self.log = logging.getLogger(f"edarun.{name}")
+        self.dispatcher = Dispatcher(field)
+        self.subscription: Subscription | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.workers: dict[int, asyncio.Task[None]] = {}
+        self.idle_since: dict[int, float] = {}
+        self._next_id = 0
+        self._stopping = False
+        self._crashes = 0
+        self._restarting = False
+
+    @property
+    def size(self) -> int:
+        return sum(1 for lanes in self.dispatcher.lanes.values() if not lanes.retiring)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def start(self, count: int) -> None:
+        if self.subscription is None and not self.tasks:
+            self._spawn(self._feed(), f"{self.name} feed")
+            self._spawn(self.dispatcher.run(), f"{self.name} dispatch")
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            self._next_id += 1
+            worker = self._next_id
+            lanes = self.dispatcher.add_worker(worker)
+            self.idle_since[worker] = loop.time()
+            self.workers[worker] = self._spawn(self._lane(worker, lanes), f"{self.name}#{worker}")
+        self._count()
+
+    def _count(self) -> None:
+        self.stats.consumers = self.size
+        self.stats.max_consumers = max(self.stats.max_consumers, self.stats.consumers)
+
+    def retire_idle(self, count: int, idle_for: float) -> int:
+        now = asyncio.get_running_loop().time()
+        idle = [
+            w for w in self.dispatcher.idle_workers()
+            if w in self.idle_since and now - self.idle_since[w] >= idle_for
+        ]  # fmt: skip
+        chosen = sorted(idle, key=lambda w: self.idle_since[w])[:count]
+        for worker in chosen:
+            self.dispatcher.lanes[worker].retiring = True  # no new contexts from now on
+            self.dispatcher.retire_worker(worker)
+        self._count()
+        return len(chosen)
+
+    def held(self) -> int:
+        return self.subscription.held if self.subscription is not None else 0
+
+    async def _feed(self) -> None:
+        self.subscription = await self.broker.consume(self.queue, prefetch=self.prefetch)
+        async for delivery in self.subscription:
+            self.stats.received += 1
+            self.dispatcher.deliver(delivery, envelope_for)
+
+    async def _lane(self, worker: int, lanes: Lanes) -> None:
+        stats, loop = self.stats, asyncio.get_running_loop()
+        try:
+            while (item := await lanes.next()) is not None:
+                key, envelope = item
+                stats.in_flight += 1
+                self.idle_since.pop(worker, None)
+                try:
+                    await self.process(envelope)
+                except RetryInPlace as retry:
+                    envelope.attempt += 1
+                    envelope.failed = False
+                    lanes.block(key, retry.delay)  # its context waits; the others go on
+                    continue
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except BaseException as exc:  # SystemExit from a handler: the pool died
+                    self._spawn(self._restart(exc), f"{self.name} restart")
+                    return
+                finally:
+                    stats.in_flight -= 1
+                    self.idle_since[worker] = loop.time()
+                    if self.after_each is not None:
+                        self.after_each()
+                lanes.pop(key)
+                self.dispatcher.finished(worker, key)
+        finally:
+            self.workers.pop(worker, None)
+            self.idle_since.pop(worker, None)
+            if lanes.retiring and not self._stopping and not self._restarting:
+                self.dispatcher.forget(worker)
+                self._count()
+
+    async def _restart(self, exc: BaseException) -> None:
+        if self._restarting or self._stopping:
+            return
+        self._restarting = True
+        count = max(self.size, 1)
+        delay = backoff(self._crashes)
+        self._crashes += 1
+        self.stats.restarts += 1
+        self.log.error(
+            "%s worker crashed (%s); restarting the ordered pool in %.1fs", self.name, describe(exc), delay
+        )
+        current = asyncio.current_task()
+        for task in list(self.tasks):
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self.tasks if t is not current), return_exceptions=True)
+        if self.subscription is not None:
+            await self.subscription.close()  # everything unacknowledged goes back, marked
+            self.subscription = None
+        self.stats.in_flight = 0
+        self.dispatcher = Dispatcher(self.field)
+        self.workers.clear()
+        self.idle_since.clear()
+        await asyncio.sleep(delay)
+        self._restarting = False
+        if not self._stopping:
+            self.start(count)
+
+    async def drain(self) -> None:
+        """Finish only what the workers are running now; everything queued in lanes goes back."""
+        self._stopping = True
+        if self.subscription is not None:
+            await self.subscription.cancel()
+        for lanes in self.dispatcher.lanes.values():
+            lanes.stop()
+        if self.workers:
+            await asyncio.gather(*self.workers.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.subscription is not None:
+            await self.subscription.close()
+            self.subscription = None
+        self.stats.consumers = 0

@@ -1,0 +1,185 @@
+"""A consumer's workers: how many there are, how they get deliveries, how they stop or die.
+
+`IndependentWorkers` gives each worker its own broker subscription (its own prefetch window): the
+default. The ordered pool of the thread delegate pattern (`patterns.ordering.OrderedWorkers`) has
+the same interface. Both grow and shrink while they run (the supervisor consumer pattern), and a
+worker that dies (a handler raising SystemExit) gives back what it held and is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from ..brokers import Broker, Delivery, Subscription
+from ..types import Envelope
+from .failures import describe
+from .publisher import ATTEMPT
+from .stats import ConsumerStats
+
+Process = Callable[[Envelope], Awaitable[None]]
+RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+HEALTHY_AFTER = 30.0
+
+
+class WorkerPool(Protocol):
+    def start(self, count: int) -> None:
+        """Add `count` workers now."""
+
+    def retire_idle(self, count: int, idle_for: float) -> int:
+        """Retire up to `count` workers idle for `idle_for` seconds; returns how many."""
+
+    @property
+    def size(self) -> int: ...
+
+    def held(self) -> int:
+        """Deliveries received and not yet settled."""
+
+    async def drain(self) -> None:
+        """Stop taking deliveries; let every worker finish and acknowledge what it has."""
+
+    async def close(self) -> None:
+        """After drain (and the retries' flush): return whatever is still held."""
+
+
+def envelope_for(delivery: Delivery, worker: int) -> Envelope:
+    attempt = delivery.headers.get(ATTEMPT, 1)
+    return Envelope(delivery, worker, attempt if isinstance(attempt, int) else 1)
+
+
+def backoff(failures: int) -> float:
+    return RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
+
+
+class IndependentWorkers:
+    def __init__(
+        self,
+        *,
+        name: str,
+        queue: str,
+        broker: Broker,
+        prefetch: int,
+        process: Process,
+        stats: ConsumerStats,
+        after_each: Callable[[], None] | None = None,
+    ) -> None:
+        self.name, self.queue, self.broker, self.prefetch = name, queue, broker, prefetch
+        self.process, self.stats, self.after_each = process, stats, after_each
+        self.log = logging.getLogger(f"edarun.{name}")
+        self.workers: dict[int, asyncio.Task[None]] = {}
+        self.subscriptions: dict[int, Subscription] = {}
+        self.idle_since: dict[int, float] = {}  # worker → when it finished its last delivery
+        self.retiring: set[int] = set()
+        self._stopping = asyncio.Event()
+        self._cancels: set[asyncio.Future[None]] = set()
+        self._next_id = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.workers) - len(self.retiring)
+
+    def start(self, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            self._next_id += 1
+            worker = self._next_id
+            self.idle_since[worker] = loop.time()
+            task = asyncio.create_task(self._supervised(worker), name=f"{self.name}#{worker}")
+            self.workers[worker] = task
+            task.add_done_callback(functools.partial(self._gone, worker))
+        self._count()
+
+    def _gone(self, worker: int, _: object = None) -> None:
+        self.workers.pop(worker, None)
+        self.idle_since.pop(worker, None)
+        self.retiring.discard(worker)
+        self._count()
+
+    def _count(self) -> None:
+        self.stats.consumers = self.size
+        self.stats.max_consumers = max(self.stats.max_consumers, self.stats.consumers)
+
+    def retire_idle(self, count: int, idle_for: float) -> int:
+        now = asyncio.get_running_loop().time()
+        idle = [
+            w for w, since in self.idle_since.items() if w not in self.retiring and now - since >= idle_for
+        ]
+        for worker in sorted(idle, key=lambda w: self.idle_since[w])[:count]:
+            self.retiring.add(worker)
+            subscription = self.subscriptions.get(worker)
+            if subscription is not None:
+                # It stops taking deliveries; what it prefetched goes back when it closes.
+                task = asyncio.ensure_future(subscription.cancel())
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
+        self._count()
+        return min(count, len(idle))
+
+    def held(self) -> int:
+        return sum(sub.held for sub in self.subscriptions.values())
+
+    async def _supervised(self, worker: int) -> None:
+        """Run one worker; an unexpected crash (not a handler error) restarts it with back-off."""
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not self._stopping.is_set() and worker not in self.retiring:
+            started = loop.time()
+            try:
+                await self._work(worker)
+                break
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except BaseException as exc:  # SystemExit from a handler too: that worker died
+                subscription = self.subscriptions.pop(worker, None)
+                if subscription is not None:
+                    await subscription.close()  # what it held goes back to the queue
+                if loop.time() - started > HEALTHY_AFTER:
+                    failures = 0  # a worker that ran well for a while starts its back-off afresh
+                delay = backoff(failures)
+                failures += 1
+                self.stats.restarts += 1
+                self.log.error(
+                    "%s worker %d crashed (%s); restarting in %.1fs", self.name, worker, describe(exc), delay
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+        if worker in self.retiring:
+            subscription = self.subscriptions.pop(worker, None)
+            if subscription is not None:
+                await subscription.close()
+
+    async def _work(self, worker: int) -> None:
+        subscription = await self.broker.consume(self.queue, prefetch=self.prefetch)
+        self.subscriptions[worker] = subscription
+        if self._stopping.is_set() or worker in self.retiring:  # stopped while (re)starting
+            return
+        stats, process, loop = self.stats, self.process, asyncio.get_running_loop()
+        async for delivery in subscription:
+            stats.in_flight += 1
+            stats.received += 1
+            self.idle_since.pop(worker, None)
+            try:
+                await process(envelope_for(delivery, worker))
+            finally:
+                stats.in_flight -= 1
+                self.idle_since[worker] = loop.time()
+                if self.after_each is not None:
+                    self.after_each()
+
+    async def drain(self) -> None:
+        self._stopping.set()
+        for subscription in list(self.subscriptions.values()):
+            await subscription.cancel()
+        if self.workers:
+            await asyncio.gather(*self.workers.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """After drain and the retries' flush: return anything still held."""
+        for subscription in self.subscriptions.values():
+            await subscription.close()
+        self.subscriptions.clear()
+        self.stats.consumers = 0

@@ -18,7 +18,11 @@ from runner.brokers import Broker, connect_url
 
 # Every transport and pattern test runs on each of these brokers.
 BROKERS = ["memory", "amqp"]
-AMQP_URL = os.environ.get("EDARUN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# The tests' own virtual host, so nothing else using the broker (another run, a demo) shares
+# their queue names; created on first use with rabbitmqctl, removed at the end of the session.
+_VHOST = f"edarun-test-{os.getpid()}"
+AMQP_URL = os.environ.get("EDARUN_TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{_VHOST}")
+_OWN_VHOST = "EDARUN_TEST_AMQP_URL" not in os.environ
 REQUIRE_AMQP = os.environ.get("EDARUN_REQUIRE_AMQP") == "1"
 _unique = itertools.count()
 _amqp_checked: list[bool] = []
@@ -32,12 +36,26 @@ def amqp_available() -> bool:
                 _amqp_checked.append(True)
         except OSError:
             _amqp_checked.append(False)
+        if _amqp_checked[0] and _OWN_VHOST:
+            _rabbitmqctl("add_vhost", _VHOST)
+            _rabbitmqctl("set_permissions", "-p", _VHOST, "guest", ".*", ".*", ".*")
     if _amqp_checked[0]:
         return True
     if REQUIRE_AMQP:
         pytest.fail("RabbitMQ is required (EDARUN_REQUIRE_AMQP=1) but 127.0.0.1:5672 does not answer")
     pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
     return False
+
+
+def _rabbitmqctl(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _amqp_checked and _amqp_checked[0] and _OWN_VHOST:
+        _rabbitmqctl("delete_vhost", _VHOST)
 
 
 async def delete_queues(names: list[str]) -> None:
@@ -93,6 +111,15 @@ class PipelineFactory:
         (self.plugins / f"{name}.py").write_text(textwrap.dedent(source))
         return name
 
+    def imported(self, name: str) -> Any:
+        """The plugin module `name`, imported as the pipeline will import it."""
+        import importlib
+        import sys
+
+        if str(self.plugins) not in sys.path:
+            sys.path.insert(0, str(self.plugins))
+        return importlib.import_module(name)
+
     def data(self, name: str, text: str) -> Path:
         path = self.folder / name
         path.write_text(text)
@@ -147,3 +174,39 @@ async def run_pipeline(broker_url: str) -> AsyncIterator[Callable[..., Any]]:
     yield run
     if used:
         await delete_queues(used)
+
+
+class SyncRuns:
+    """For hypothesis tests, which cannot use function-scoped async fixtures per example: a fresh
+    folder for each example and a synchronous run of a pipeline on the broker under test."""
+
+    def __init__(self, tmp: pytest.TempPathFactory, broker_url: str) -> None:
+        self.tmp, self.broker_url = tmp, broker_url
+
+    def new(self) -> PipelineFactory:
+        return PipelineFactory(self.tmp.mktemp("example"))
+
+    def run(self, path: Path) -> tuple[int, Any]:
+        from runner.config.loader import load_pipeline
+        from runner.runtime import loop as event_loop
+        from runner.runtime.app import Runner, RunOptions, queues_of
+        from runner.runtime.dashboard import dashboard_queue
+
+        loaded = load_pipeline(path)
+        options = RunOptions(until_idle=True)
+        names = [*queues_of(loaded), *(dashboard_queue(c) for c in loaded.model.consumers)]
+        if self.broker_url != "memory":
+            event_loop.run(delete_queues(names))
+            options.broker = self.broker_url
+        runner = Runner(loaded, options)
+        try:
+            code = event_loop.run(asyncio.wait_for(runner.run(), 60))
+        finally:
+            if self.broker_url != "memory":
+                event_loop.run(delete_queues(names))
+        return code, runner
+
+
+@pytest.fixture
+def sync_runs(tmp_path_factory: pytest.TempPathFactory, broker_url: str) -> SyncRuns:
+    return SyncRuns(tmp_path_factory, broker_url)

@@ -104,16 +104,20 @@ class ConsumerService:
 
     async def _trace(self, envelope: Envelope, call_next: CallNext) -> None:
         delivery = envelope.delivery
+        attributes: dict[str, object] = {
+            "edarun.attempt": envelope.attempt,
+            "edarun.consumer": self.name,
+            "edarun.redelivered": delivery.redelivered,
+            "edarun.worker": envelope.worker,
+        }
+        if envelope.context is not None:
+            attributes["edarun.context"] = envelope.context
         with self.tracing.consume_span(
             delivery.queue,
             message_id=delivery.message_id,
             headers=delivery.headers,
             system=self.broker.system,
-            attributes={
-                "edarun.attempt": envelope.attempt,
-                "edarun.consumer": self.name,
-                "edarun.redelivered": delivery.redelivered,
-            },
+            attributes=attributes,
         ) as span:
             envelope.span = span
             await call_next(envelope)
@@ -151,6 +155,7 @@ class ConsumerService:
             self.broker_url,
             self.log,
             envelope.span,
+            context=envelope.context,
             config=self.config,
         )
         event = envelope.event

@@ -23,7 +23,9 @@ async def amqp(queue_name: str):  # type: ignore[no-untyped-def]
 
 
 def close_all_connections() -> None:
-    subprocess.run(["rabbitmqctl", "close_all_connections", "edarun test"], capture_output=True, timeout=60)
+    subprocess.run(
+        ["rabbitmqctl", "close_all_connections", "--global", "edarun test"], capture_output=True, timeout=60
+    )
 
 
 async def test_stale_delivery_after_reconnect_is_redelivered_not_a_crash(

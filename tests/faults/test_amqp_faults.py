@@ -118,7 +118,7 @@ def test_all_connections_closed_producer_and_consumer_recover(
     up = scenario.up(report)
     for share in (EVENTS // 5, EVENTS // 2):
         scenario.wait_calls(share, up)
-        broker_control("close_all_connections", "fault test")
+        broker_control("close_all_connections", "--global", "fault test")
     code = scenario.finish(up, report)
     assert code == 0, scenario.stderr(report)
     calls = scenario.calls()
@@ -129,6 +129,9 @@ def test_all_connections_closed_producer_and_consumer_recover(
     data = read_report(report)
     assert data["outcome"] == "idle"
     assert data["producers"][scenario.producer] == {"published": EVENTS, "rejected": 0}
+    # The fault really happened: the services lost their connections and came back.
+    log = report.with_suffix(".err").read_text(errors="replace")
+    assert "lost" in log and "reconnected to" in log, scenario.stderr(report)
 
 
 def test_sigterm_drains_and_a_second_run_finishes_without_duplicates(

@@ -53,6 +53,10 @@ class AmqpDelivery:
         self.queue = sub.queue
         self.redelivered = bool(message.redelivered)
 
+    @property
+    def stale(self) -> bool:
+        return self._channel is not self._sub._underlay or self._channel.is_closed
+
     async def ack(self) -> None:
         self._sub.ack(self._channel, self._tag)
 

@@ -29,6 +29,11 @@ class Delivery(Protocol):
     redelivered: bool
     queue: str
 
+    @property
+    def stale(self) -> bool:
+        """True when it came on a connection that has since died: an ack would be dropped and the
+        broker delivers it again, so it is not worth processing now."""
+
     async def ack(self) -> None: ...
 
     async def nack(self, *, requeue: bool) -> None:

@@ -35,6 +35,10 @@ class MemoryDelivery:
         self.redelivered = False
         self._sub: MemorySubscription | None = None
 
+    @property
+    def stale(self) -> bool:
+        return False  # nothing here outlives its connection
+
     def again(self) -> MemoryDelivery:
         copy = MemoryDelivery(self.body, self.message_id, self.headers, self.queue)
         copy.redelivered = True

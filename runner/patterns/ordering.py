@@ -290,6 +290,11 @@ class OrderedWorkers:
         try:
             while (item := await lanes.next()) is not None:
                 key, envelope = item
+                if envelope.delivery.stale:
+                    # Its channel died: RabbitMQ delivers it again, after the ones before it.
+                    lanes.pop(key)
+                    self.dispatcher.finished(worker, key)
+                    continue
                 stats.in_flight += 1
                 self.idle_since.pop(worker, None)
                 try:

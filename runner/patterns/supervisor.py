@@ -4,8 +4,9 @@ Every `every` seconds the supervisor reads the queue's depth (ready messages, as
 them) and sets the number of consumers to clamp(ceil(load / N), min, max), where load is this
 process's share of the depth (depth / instances) plus the deliveries it already holds (prefetched
 messages leave the broker's ready count but are still work). It scales up at once; it scales down
-only consumers that have been idle for `keep_alive`, and a retiring consumer stops taking
-deliveries, returns what it prefetched and finishes what it is running: nothing lost, nothing twice.
+once the target has stayed below the current count for `keep_alive`, and then only consumers that
+are idle at that moment. A retiring consumer stops taking deliveries, returns what it prefetched and
+finishes what it is running: nothing lost, nothing twice.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Supervisor:
         self.instances = instances
         self.decided = decided  # (from, to, depth): for the report, the live view and traces
         self.stopping = asyncio.Event()
+        self.below_since: float | None = None  # since when fewer consumers would do
 
     async def run(self) -> None:
         policy = self.policy
@@ -71,14 +73,21 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), policy.every)
 
-    def adjust(self, depth: int) -> int:
+    def adjust(self, depth: int, now: float | None = None) -> int:
         pool, policy = self.pool, self.policy
+        now = asyncio.get_running_loop().time() if now is None else now
         current = pool.size
         target = wanted(policy, depth, self.instances, pool.held())
-        if target > current:
-            pool.start(target - current)  # scale up at once
-        elif target < current:
-            pool.retire_idle(current - target, policy.keep_alive)
+        if target >= current:
+            self.below_since = None
+            if target > current:
+                pool.start(target - current)  # scale up at once
+        elif self.below_since is None:
+            self.below_since = now
+        # Light load keeps every consumer busy now and then (deliveries go round-robin), so the
+        # wait is on the target, and the consumers retired are those idle right now.
+        elif now - self.below_since >= policy.keep_alive and pool.retire_idle(current - target, 0.0):
+            self.below_since = None
         after = pool.size
         if after != current:
             log.info("%s: %d → %d consumers (depth %d)", self.consumer, current, after, depth)

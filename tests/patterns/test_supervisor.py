@@ -126,8 +126,9 @@ async def test_scales_down_to_min_when_idle_and_loses_nothing(factory, broker_ur
     peak_first = max(samples[: len(samples) // 2])
     assert peak_first >= 4
     # Between the bursts the count went back down to min, then up again for the second burst.
-    low_after_peak = min(samples[samples.index(peak_first) :])
-    assert low_after_peak == 1, samples
+    after_peak = samples[samples.index(peak_first) :]
+    back_to_min = after_peak.index(1)
+    assert max(after_peak[back_to_min:]) >= 4, samples  # and up again for the second burst
     assert runner.stats.consumers["names"].max_consumers >= 8
 
 

@@ -73,9 +73,7 @@ class _Queue:
 
     def _wake(self) -> None:
         # Round-robin like RabbitMQ: the longest-waiting subscription with room gets the next message.
-        for _ in range(len(self.waiting)):
-            if not self.ready:
-                return
+        for _ in range(min(len(self.waiting), len(self.ready))):
             sub = self.waiting.popleft()
             sub.wake()
 

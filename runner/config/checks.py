@@ -79,6 +79,16 @@ def _consumer(loc: Loc, consumer: dict[str, Any], config: Any) -> Iterator[Probl
     emit, source = consumer.get("emit"), consumer.get("from")
     if isinstance(emit, str) and emit == source:
         yield (*loc, "emit"), "emitting to the queue the consumer reads would loop forever"
+    instances = consumer.get("instances")
+    if consumer.get("ordering") is not None and isinstance(instances, int) and instances > 1:
+        # Each process would keep its own allocation map: one context could run in two at once.
+        yield (
+            (*loc, "instances"),
+            (
+                "ordering needs one process per consumer (each would order only its own share); "
+                "scale inside it with concurrency or autoscale"
+            ),
+        )
 
 
 def _consumer_refs(loc: Loc, consumer: dict[str, Any], dirs: tuple[Path, ...]) -> Iterator[Problem]:

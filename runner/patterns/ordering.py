@@ -1,11 +1,13 @@
 """Thread delegate (pattern 2): `ordering: by_context(field)` keeps each context in publish order.
 
 One subscription reads the queue in order; a dispatcher task owns the allocation map (context →
-worker) and the in-flight count per (worker, context). A context already allocated goes to its
-worker; a new one to the least-loaded worker; when a (worker, context) count drops to 0 the context
-is released. Each worker keeps a lane per context and runs the head of a lane that is not waiting
-out a retry, so a failing event blocks its own context only. Workers talk to the dispatcher through
-its inbox; nothing else touches the maps.
+worker) and the in-flight count per (worker, context). A context is given to the least-loaded
+worker one event at a time: while it has an event at a worker, its later events wait, in order, at
+the dispatcher; when the count drops to 0 the context is released and its next event goes to
+whichever worker is least loaded then. So workers added by autoscaling take over contexts as they
+are released, and a context never runs on two workers at once. Each worker keeps a lane per
+context and runs the head of a lane that is not waiting out a retry, so a failing event blocks its
+own context only. Workers talk to the dispatcher through its inbox; nothing else touches the maps.
 
 Events without the field (or whose body does not decode) have no context: each is independent and
 goes to the least-loaded worker.
@@ -28,6 +30,7 @@ from ..runtime.stats import ConsumerStats
 from ..types import Envelope, lookup
 
 Hashable = str | int | float | bool
+Make = Callable[[Delivery, int], Envelope]  # builds the envelope of a delivery for a worker
 _NO_CONTEXT = object()
 
 
@@ -129,12 +132,14 @@ class Dispatcher:
         self.in_flight: Counter[tuple[int, Any]] = Counter()
         self.load: dict[int, int] = {}  # events given to a worker and not finished
         self.lanes: dict[int, Lanes] = {}
+        # Events of a context that has one at a worker already, waiting their turn in order.
+        self.pending: dict[Any, deque[tuple[Delivery, Make]]] = {}
         self.inbox: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         self._unique = 0
 
     # -- what other tasks send -----------------------------------------------------------------
 
-    def deliver(self, delivery: Delivery, make: Callable[[Delivery, int], Envelope]) -> None:
+    def deliver(self, delivery: Delivery, make: Make) -> None:
         self.inbox.put_nowait(("deliver", delivery, make))
 
     def finished(self, worker: int, key: Any) -> None:
@@ -160,16 +165,19 @@ class Dispatcher:
             elif kind == "retire":
                 self._retire(first)
 
-    def _route(self, delivery: Delivery, make: Callable[[Delivery, int], Envelope]) -> None:
+    def _route(self, delivery: Delivery, make: Make) -> None:
         context = context_of(delivery.body, self.field)
         if context is None:
             self._unique += 1
-            key: Any = (_NO_CONTEXT, self._unique)  # its own lane, ordered with nothing
-            worker = self._least_loaded()
+            self._give((_NO_CONTEXT, self._unique), None, delivery, make)  # ordered with nothing
+        elif context in self.allocation_map:
+            self.pending.setdefault(context, deque()).append((delivery, make))
         else:
-            key = context
-            allocated = self.allocation_map.get(context)
-            worker = allocated if allocated is not None else self._least_loaded()
+            self._give(context, context, delivery, make)
+
+    def _give(self, key: Any, context: Any, delivery: Delivery, make: Make) -> None:
+        worker = self._least_loaded()
+        if context is not None:
             self.allocation_map[context] = worker
         self.in_flight[(worker, key)] += 1
         self.load[worker] += 1
@@ -188,6 +196,12 @@ class Dispatcher:
             del self.in_flight[(worker, key)]
             if self.allocation_map.get(key) == worker:
                 del self.allocation_map[key]  # released: its next event may go anywhere
+                waiting = self.pending.get(key)
+                if waiting:
+                    delivery, make = waiting.popleft()
+                    if not waiting:
+                        del self.pending[key]
+                    self._give(key, key, delivery, make)
 
     def _retire(self, worker: int) -> None:
         lanes = self.lanes.get(worker)

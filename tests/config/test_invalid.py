@@ -747,3 +747,21 @@ def test_same_module_name_in_two_pipelines_resolves_each_its_own(
         assert handler({}, None) == {"by": marker}
         assert handler.__module__ == "handlers"
         assert Path(sys.modules["handlers"].__file__).parent == loaded.plugin_dirs[0]
+
+
+def test_ordering_with_several_instances_is_refused(tmp_path: Path) -> None:
+    from runner.config.loader import PipelineError, load_pipeline
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "ordinst.py").write_text("def handle(event, ctx):\n    return None\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nname: o\nplugins: [plugins]\nconsumers:\n  c:\n    from: q\n"
+        "    handler: ordinst:handle\n    ordering: by_context(account)\n    instances: 2\n"
+    )
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path)
+    assert caught.value.lines == [
+        f"{path}:9:16: consumers.c.instances: ordering needs one process per consumer (each would order "
+        "only its own share); scale inside it with concurrency or autoscale"
+    ]

@@ -162,12 +162,19 @@ def test_dispatcher_allocates_releases_and_balances() -> None:
     dispatcher._route(FakeDelivery("B"), make)  # type: ignore[arg-type]
     dispatcher._route(FakeDelivery("A"), make)  # type: ignore[arg-type]
     assert dispatcher.allocation_map == {"A": 1, "B": 2}  # new context → least-loaded worker
-    assert dispatcher.in_flight[(1, "A")] == 2 and dispatcher.load == {1: 2, 2: 1}
-    assert [e.worker for e in made] == [1, 2, 1] and made[0].context == "A"
+    assert dispatcher.in_flight[(1, "A")] == 1 and dispatcher.load == {1: 1, 2: 1}
+    assert [e.worker for e in made] == [1, 2] and made[0].context == "A"
+    assert len(dispatcher.pending["A"]) == 1  # A's second event waits for the first
+    dispatcher._release(2, "B")
+    assert "B" not in dispatcher.allocation_map  # released at 0
     dispatcher._release(1, "A")
-    assert dispatcher.allocation_map["A"] == 1  # still one in flight
-    dispatcher._release(1, "A")
-    assert "A" not in dispatcher.allocation_map  # released at 0
+    # A's next event goes to the least-loaded worker now: worker 1 (load 0, lower id than 2).
+    assert dispatcher.allocation_map == {"A": 1} and [e.worker for e in made] == [1, 2, 1]
+    assert "A" not in dispatcher.pending
+    dispatcher.add_worker(3)
+    dispatcher.load[1] = 5  # busy elsewhere
+    dispatcher._route(FakeDelivery("C"), make)  # type: ignore[arg-type]
+    assert dispatcher.allocation_map["C"] in (2, 3)
     assert context_of(b"not json", "account") is None and context_of(b'{"a": {"b": 3}}', "a.b") == 3
 
 

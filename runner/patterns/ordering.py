@@ -23,10 +23,9 @@ from typing import Any
 
 import orjson
 
-from ..brokers import Broker, Delivery, Subscription
+from ..brokers import Delivery, Subscription
 from ..runtime.failures import RetryInPlace, describe
-from ..runtime.pool import Process, backoff, envelope_for
-from ..runtime.stats import ConsumerStats
+from ..runtime.pool import PoolSettings, backoff, envelope_for
 from ..types import Envelope, lookup
 
 Hashable = str | int | float | bool
@@ -225,21 +224,11 @@ class OrderedWorkers:
     every unacknowledged delivery goes back to the queue, marked, and the pool restarts afresh.
     """
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        queue: str,
-        broker: Broker,
-        prefetch: int,
-        process: Process,
-        stats: ConsumerStats,
-        field: str,
-        after_each: Callable[[], None] | None = None,
-    ) -> None:
-        self.name, self.queue, self.broker, self.prefetch = name, queue, broker, prefetch
-        self.process, self.stats, self.field, self.after_each = process, stats, field, after_each
-        self.log = logging.getLogger(f"edarun.{name}")
+    def __init__(self, settings: PoolSettings, *, field: str) -> None:
+        self.name, self.queue, self.broker = settings.name, settings.queue, settings.broker
+        self.prefetch, self.process, self.stats = settings.prefetch, settings.process, settings.stats
+        self.after_each, self.field = settings.after_each, field
+        self.log = logging.getLogger(f"edarun.{settings.name}")
         self.dispatcher = Dispatcher(field)
         self.subscription: Subscription | None = None
         self.tasks: set[asyncio.Task[None]] = set()

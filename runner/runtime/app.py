@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..brokers import Broker, BrokerError, connect_url
+from ..brokers import Broker, BrokerError, Depth, connect_url
 from ..config.loader import LoadedPipeline
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
@@ -58,6 +58,15 @@ class RunOptions:
     # consumer's `instances` run here side by side.
     single_service: bool = False
     counters: Path | None = None  # a service process: mirror its counters here (runtime.counters)
+
+
+async def sample_depths(broker: Broker, loaded: LoadedPipeline, stats: RunStats) -> dict[str, Depth]:
+    """Every queue's depth now, recorded in the run's stats (for max_depth and the live view)."""
+    depths = {}
+    for queue in queues_of(loaded):
+        depth = depths[queue] = await broker.depth(queue)
+        stats.observe_depth(queue, depth.ready)
+    return depths
 
 
 def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
@@ -256,12 +265,7 @@ class Runner:
             )
 
     async def _sample(self, broker: Broker) -> dict[str, int]:
-        depths = {}
-        for queue in queues_of(self.loaded):
-            depth = await broker.depth(queue)
-            self.stats.observe_depth(queue, depth.ready)
-            depths[queue] = depth.total
-        return depths
+        return {q: d.total for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
 
     async def _watch(self, broker: Broker, consumers: list[ConsumerService]) -> str:
         assert self.stop_requested is not None

@@ -29,7 +29,7 @@ from ..types import CallNext, Envelope, Handler, Layer
 from .context import EMPTY_CONFIG, Context
 from .dashboard import Dashboard
 from .failures import Retries, on_error
-from .pool import IndependentWorkers, WorkerPool
+from .pool import IndependentWorkers, PoolSettings, WorkerPool
 from .publisher import Publisher
 from .stats import ConsumerStats
 
@@ -191,16 +191,22 @@ class ConsumerService:
     # -- workers -------------------------------------------------------------------------------
 
     def _pool(self) -> WorkerPool:
-        common = dict(
-            name=self.name, queue=self.queue, broker=self.broker, process=self._process,
-            stats=self.stats, after_each=self._after_each,
-        )  # fmt: skip
-        if self.spec.ordering is not None:
-            # One subscription feeds every worker: enough prefetch that other contexts progress
-            # while one is slow.
-            prefetch = self.spec.prefetch or max(DEFAULT_PREFETCH, 20 * self.max_workers)
-            return OrderedWorkers(prefetch=prefetch, field=self.spec.ordering.by, **common)  # type: ignore[arg-type]
-        return IndependentWorkers(prefetch=self.prefetch, **common)  # type: ignore[arg-type]
+        ordering = self.spec.ordering
+        # An ordered pool has one subscription for every worker: enough prefetch that other
+        # contexts progress while one is slow.
+        ordered_prefetch = max(DEFAULT_PREFETCH, 20 * self.max_workers)
+        settings = PoolSettings(
+            name=self.name,
+            queue=self.queue,
+            broker=self.broker,
+            prefetch=self.spec.prefetch or (ordered_prefetch if ordering else DEFAULT_PREFETCH),
+            process=self._process,
+            stats=self.stats,
+            after_each=self._after_each,
+        )
+        if ordering is not None:
+            return OrderedWorkers(settings, field=ordering.by)
+        return IndependentWorkers(settings)
 
     def _after_each(self) -> None:
         if self.mirror is not None:

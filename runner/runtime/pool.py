@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..brokers import Broker, Delivery, Subscription
@@ -55,21 +56,25 @@ def backoff(failures: int) -> float:
     return RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """What any worker pool of a consumer needs: where to read, what to run, what to count."""
+
+    name: str
+    queue: str
+    broker: Broker
+    prefetch: int
+    process: Process
+    stats: ConsumerStats
+    after_each: Callable[[], None] | None = None  # after each delivery, before its ack leaves
+
+
 class IndependentWorkers:
-    def __init__(
-        self,
-        *,
-        name: str,
-        queue: str,
-        broker: Broker,
-        prefetch: int,
-        process: Process,
-        stats: ConsumerStats,
-        after_each: Callable[[], None] | None = None,
-    ) -> None:
-        self.name, self.queue, self.broker, self.prefetch = name, queue, broker, prefetch
-        self.process, self.stats, self.after_each = process, stats, after_each
-        self.log = logging.getLogger(f"edarun.{name}")
+    def __init__(self, settings: PoolSettings) -> None:
+        self.name, self.queue, self.broker = settings.name, settings.queue, settings.broker
+        self.prefetch, self.process, self.stats = settings.prefetch, settings.process, settings.stats
+        self.after_each = settings.after_each
+        self.log = logging.getLogger(f"edarun.{settings.name}")
         self.workers: dict[int, asyncio.Task[None]] = {}
         self.subscriptions: dict[int, Subscription] = {}
         self.idle_since: dict[int, float] = {}  # worker → when it finished its last delivery

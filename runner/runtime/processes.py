@@ -25,7 +25,16 @@ from typing import Any
 from ..brokers import Broker
 from ..config.loader import LoadedPipeline
 from . import loop as event_loop
-from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, Runner, RunOptions, queues_of
+from .app import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    EXIT_OK,
+    Runner,
+    RunOptions,
+    queues_of,
+    sample_depths,
+)
 from .counters import read_counters
 from .dashboard import dashboard_queue
 from .stats import ConsumerStats, ProducerStats, RunStats
@@ -263,12 +272,8 @@ class Supervisor:
         return EXIT_FAILURE if outcome == "failed" else EXIT_OK
 
     async def _sample(self, broker: Broker) -> dict[str, int]:
-        depths = {}
-        for queue in queues_of(self.loaded):
-            depth = await broker.depth(queue)
-            self.stats.observe_depth(queue, depth.ready)
-            depths[queue] = depth.ready
-        return depths
+        # Ready messages only: what the services hold unacknowledged they report themselves.
+        return {q: d.ready for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
 
     async def _watch(self, broker: Broker) -> str:
         consumed = {self.loaded.model.consumers[c].from_ for c in self.plan.consumer_names}

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..brokers import Broker, BrokerError
 from ..config.models import Producer
+from ..patterns.routing import NoRoute, Router
 from ..telemetry import Tracing
 from .context import SourceContext
 from .publisher import Publisher, PublishError
@@ -39,11 +40,15 @@ class ProducerService:
         self.publisher = Publisher(broker, tracing, service=name)
         self.stopping = asyncio.Event()
         self.window = getattr(broker, "publish_window", 1)
+        self.router = Router(spec.route) if spec.route is not None else None
         self.skip = skip
         self.mirror: Callable[[], None] | None = None  # see runtime.counters
 
     def target(self, event: dict[str, Any]) -> str:
-        assert self.spec.to is not None  # routing producers are refused before start
+        """The queue an event goes to: `to`, or its route (pattern 6); NoRoute when it has none."""
+        if self.router is not None:
+            return self.router.target(event)
+        assert self.spec.to is not None  # the model requires one of `to` and `route`
         return self.spec.to
 
     async def run(self) -> None:
@@ -67,7 +72,14 @@ class ProducerService:
                     self.log.error("%s: event rejected: %s", self.name, item)
                     window.settled(taken)
                 else:
-                    await window.publish(taken, self.target(item), item)
+                    try:
+                        queue = self.target(item)
+                    except NoRoute as exc:
+                        stats.rejected += 1
+                        self.log.error("%s: event rejected: %s", self.name, exc)
+                        window.settled(taken)
+                    else:
+                        await window.publish(taken, queue, item)
                 if spec.count is not None and taken >= spec.count:
                     break
                 if interval:

@@ -21,8 +21,6 @@ def unsupported(model: Pipeline) -> list[str]:
         if queue.flow_control:
             refuse(f"queues.{name}.flow_control", "producer control flow (pattern 8)")
     for name, producer in model.producers.items():
-        if producer.route:
-            refuse(f"producers.{name}.route", "contextual queue routing (pattern 6)")
         if producer.priority:
             refuse(f"producers.{name}.priority", "priority marking (pattern 3)")
     for name, consumer in model.consumers.items():

@@ -129,7 +129,8 @@ class _Builder:
             if not isinstance(key, str | int | float | bool) or key_node.tag == "tag:yaml.org,2002:merge":
                 doc.problems.append((loc, _mark(key_node), "expected a plain key"))
                 continue
-            key = str(key) if not isinstance(key, str) else key
+            # Keys are text, written as YAML writes them: `true`, not Python's `True`.
+            key = ("true" if key else "false") if isinstance(key, bool) else str(key)
             child = (*loc, key)
             if key in result:
                 first = doc.keys[child]

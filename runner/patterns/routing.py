@@ -2,7 +2,7 @@
 
 Heterogeneous events (books, music, movies) get dedicated queues, each with its own consumers and
 policies, so a slow kind no longer holds up the others. The value of the `by` field picks the
-queue (compared as text, so `42` and `true` match the keys `"42"` and `true`); a value without a
+queue (compared as text, so `42`, `42.0` and `true` match the keys `42` and `true`); a value without a
 route goes to `default`, or, with none, fails its publish loudly: counted as rejected and logged
 with the value, never dropped in silence.
 """
@@ -22,13 +22,15 @@ class NoRoute(ValueError):
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"  # as YAML writes the keys
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 42.0 from JSON matches the key 42
     return str(value)
 
 
 class Router:
     def __init__(self, route: Route) -> None:
         self.by = route.by
-        self.table = {str(key): queue for key, queue in route.to.items()}
+        self.table = {_text(key): queue for key, queue in route.to.items()}
         self.default = route.default
 
     def target(self, event: Event) -> str:

@@ -130,9 +130,11 @@ class LogView:
 
 def summary(stats: RunStats, outcome: str) -> str:
     published = sum(p.published for p in stats.producers.values())
+    rejected = sum(p.rejected for p in stats.producers.values())
     processed = sum(c.processed for c in stats.consumers.values())
     parked = sum(c.parked for c in stats.consumers.values())
     return (
         f"{stats.pipeline}: {outcome} after {stats.elapsed:.2f}s — published {published}, "
-        f"processed {processed}, parked {parked}"
+        + (f"rejected {rejected}, " if rejected else "")
+        + f"processed {processed}, parked {parked}"
     )

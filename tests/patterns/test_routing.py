@@ -86,5 +86,20 @@ def test_values_are_compared_as_text() -> None:
     router = Router(Route.model_validate({"by": "order.flag", "to": {"true": "yes", "42": "answer"}}))
     assert router.target({"order": {"flag": True}}) == "yes"
     assert router.target({"order": {"flag": 42}}) == "answer"
+    assert router.target({"order": {"flag": 42.0}}) == "answer"
     with pytest.raises(NoRoute, match=r"order\.flag=None"):
         router.target({"order": {}})
+
+
+def test_yaml_keys_are_text_as_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from runner.config.loader import load_pipeline
+
+    (tmp_path / "e.jsonl").write_text('{"flag": true}\n')
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nname: r\nproducers:\n  p:\n    source: file(e.jsonl)\n"
+        "    route: {by: flag, to: {true: yes-queue, 42: answers}}\n"
+    )
+    route = load_pipeline(path).model.producers["p"].route
+    assert route is not None and set(route.to) == {"true", "42"}
+    assert Router(route).target({"flag": True}) == "yes-queue"

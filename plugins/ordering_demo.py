@@ -23,18 +23,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+# The talk's demo (`sending: (seq) ACCOUNT,SIDE,SYMBOL,N SHARES`): the ten trades of trading.py.
+from trading import TALK_TRADES
+
 if TYPE_CHECKING:
     from runner.runtime.context import Context
 
 Event = dict[str, Any]
 
-# The talk's demo: `sending: (seq) ACCOUNT,SIDE,SYMBOL,N SHARES`.
-TALK_TRADES = (
-    ("B-123", "SELL", "AAPL", 206), ("Q-665", "SELL", "ATT", 1165), ("B-123", "BUY", "IBM", 3700),
-    ("Q-665", "SELL", "XPH", 1174), ("Q-665", "BUY", "GLD", 1740), ("T-329", "SELL", "GOOG", 61),
-    ("D-945", "SELL", "FB", 1857), ("D-945", "SELL", "AAPL", 742), ("T-329", "BUY", "AAPL", 466),
-    ("D-945", "BUY", "AMZN", 1297),
-)  # fmt: skip
+
 # Twenty accounts; the talk's four trade three times as often as the others.
 ACCOUNTS = (
     "B-123", "Q-665", "T-329", "D-945", "A-136", "V-976", "B-387", "C-210", "E-554", "F-081",

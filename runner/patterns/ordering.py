@@ -25,7 +25,7 @@ import orjson
 
 from ..brokers import Delivery, Subscription
 from ..runtime.failures import RetryInPlace, describe
-from ..runtime.pool import PoolSettings, backoff, envelope_for
+from ..runtime.pool import PoolSettings, backoff, count_consumers, envelope_for
 from ..types import Envelope, lookup
 
 Hashable = str | int | float | bool
@@ -263,8 +263,7 @@ class OrderedWorkers:
         self._count()
 
     def _count(self) -> None:
-        self.stats.consumers = self.size
-        self.stats.max_consumers = max(self.stats.max_consumers, self.stats.consumers)
+        count_consumers(self.stats, self.size)
 
     def retire_idle(self, count: int, idle_for: float) -> int:
         now = asyncio.get_running_loop().time()

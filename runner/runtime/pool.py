@@ -47,6 +47,12 @@ class WorkerPool(Protocol):
         """After drain (and the retries' flush): return whatever is still held."""
 
 
+def count_consumers(stats: ConsumerStats, size: int) -> None:
+    """The live view's and the report's consumer figures, after a pool grew or shrank."""
+    stats.consumers = size
+    stats.max_consumers = max(stats.max_consumers, size)
+
+
 def envelope_for(delivery: Delivery, worker: int) -> Envelope:
     attempt = delivery.headers.get(ATTEMPT, 1)
     return Envelope(delivery, worker, attempt if isinstance(attempt, int) else 1)
@@ -105,8 +111,7 @@ class IndependentWorkers:
         self._count()
 
     def _count(self) -> None:
-        self.stats.consumers = self.size
-        self.stats.max_consumers = max(self.stats.max_consumers, self.stats.consumers)
+        count_consumers(self.stats, self.size)
 
     def retire_idle(self, count: int, idle_for: float) -> int:
         now = asyncio.get_running_loop().time()

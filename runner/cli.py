@@ -212,8 +212,12 @@ def send(
     event: Annotated[str, typer.Argument(help="the event as a JSON object")],
     broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+    priority: Annotated[
+        bool, typer.Option("--priority", help="mark it for the queue's priority lane (pattern 3)")
+    ] = False,
 ) -> None:
-    """Publish one JSON event to a queue of a pipeline's broker."""
+    """Publish one JSON event to a queue of a pipeline's broker (its priority lane when marked or
+    when the lane's when(...) holds)."""
     from .runtime.app import RunError
     from .runtime.send import send_event
 
@@ -225,10 +229,10 @@ def send(
     if not isinstance(body, dict):
         _fail("EVENT: expected a JSON object", 2)
     try:
-        message_id = send_event(loaded, queue, body, broker, connect_timeout)
+        message_id, target = send_event(loaded, queue, body, broker, connect_timeout, priority=priority)
     except RunError as exc:
         _fail(str(exc), exc.code)
-    out.print(f"sent {message_id} to {queue}", markup=False)
+    out.print(f"sent {message_id} to {target}", markup=False)
 
 
 @app.command()

@@ -1,11 +1,12 @@
-"""The topology of a pipeline as Mermaid or Graphviz dot: producers, queues, consumers, emit edges
-and the dashboard queues where failed events are parked."""
+"""The topology of a pipeline as Mermaid or Graphviz dot: producers, queues and their priority
+lanes, consumers, emit edges and the dashboard queues where failed events are parked."""
 
 from __future__ import annotations
 
 import re
 
 from .config.models import Pipeline
+from .patterns.priority import lane_queue, lane_rules
 from .redact import redact_url
 
 
@@ -19,22 +20,37 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
         nodes.setdefault(node, (name, kind))
         return node
 
+    rules = lane_rules(model)
+
+    def publish(source: str, target: str, label: str = "", marks: str | None = None) -> None:
+        """An edge to the queue and, when it has a lane, one to the lane saying what goes there."""
+        edges.append((source, queue(target), label))
+        rule = rules.get(target)
+        if rule is not None:
+            whens = [w for w in (rule.when, marks) if w]
+            edges.append((source, queue(rule.lane, "lane"), " or ".join(whens) or "marked priority"))
+
     for name, producer in model.producers.items():
         node = f"p_{name}"
         nodes[node] = (name, "producer")
+        marks = producer.priority
         if producer.to:
-            edges.append((node, queue(producer.to), ""))
+            publish(node, producer.to, marks=marks)
         if producer.route:
             for value, target in producer.route.to.items():
-                edges.append((node, queue(target), f"{producer.route.by}={value}"))
+                publish(node, target, f"{producer.route.by}={value}", marks)
             if producer.route.default:
-                edges.append((node, queue(producer.route.default), "default"))
+                publish(node, producer.route.default, "default", marks)
     for name, consumer in model.consumers.items():
         node = f"c_{name}"
         nodes[node] = (name, "consumer")
         edges.append((queue(consumer.from_), node, ""))
+        lane = consumer.priority_lane
+        if lane is not None:
+            served = "ambulance" if lane.mode == "ambulance" else f"carpool x{lane.carpool}"
+            edges.append((queue(lane_queue(consumer.from_), "lane"), node, f"first ({served})"))
         if consumer.emit:
-            edges.append((node, queue(consumer.emit), "emit"))
+            publish(node, consumer.emit, "emit")
         edges.append((node, queue(f"{name}.dashboard", "dashboard"), "parked"))
     return nodes, edges
 
@@ -49,6 +65,7 @@ def mermaid(model: Pipeline) -> str:
         "producer": ("([", "])"),
         "consumer": ("[", "]"),
         "queue": ("[(", ")]"),
+        "lane": ("[(", ")]"),
         "dashboard": ("[(", ")]"),
     }
     lines = ["flowchart LR", f"  %% {model.name} on {redact_url(model.broker)}"]
@@ -56,27 +73,37 @@ def mermaid(model: Pipeline) -> str:
         left, right = shapes[kind]
         lines.append(f'  {_id(node)}{left}"{label}"{right}')
     for src, dst, label in edges:
-        arrow = f" -- {label} --> " if label else " --> "
+        arrow = f' -- "{label.replace(chr(34), "#quot;")}" --> ' if label else " --> "
         lines.append(f"  {_id(src)}{arrow}{_id(dst)}")
     lines.append("  classDef dashboard fill:#fdd,stroke:#c33")
-    dash = [_id(n) for n, (_, kind) in nodes.items() if kind == "dashboard"]
-    if dash:
-        lines.append(f"  class {','.join(dash)} dashboard")
+    lines.append("  classDef lane fill:#ffe9b3,stroke:#c80")
+    for kind in ("dashboard", "lane"):
+        members = [_id(n) for n, (_, k) in nodes.items() if k == kind]
+        if members:
+            lines.append(f"  class {','.join(members)} {kind}")
     return "\n".join(lines) + "\n"
 
 
 def dot(model: Pipeline) -> str:
     nodes, edges = _edges(model)
-    shapes = {"producer": "oval", "consumer": "box", "queue": "cylinder", "dashboard": "cylinder"}
+    shapes = {
+        "producer": "oval",
+        "consumer": "box",
+        "queue": "cylinder",
+        "lane": "cylinder",
+        "dashboard": "cylinder",
+    }
+    fills = {"dashboard": "#ffdddd", "lane": "#ffe9b3"}
     lines = [
         f'digraph "{model.name}" {{',
         "  rankdir=LR;",
         f'  label="{model.name} on {redact_url(model.broker)}";',
     ]
     for node, (label, kind) in nodes.items():
-        extra = ', style=filled, fillcolor="#ffdddd"' if kind == "dashboard" else ""
+        extra = f', style=filled, fillcolor="{fills[kind]}"' if kind in fills else ""
         lines.append(f'  {_id(node)} [label="{label}", shape={shapes[kind]}{extra}];')
     for src, dst, label in edges:
-        lines.append(f"  {_id(src)} -> {_id(dst)}" + (f' [label="{label}"];' if label else ";"))
+        text = label.replace('"', '\\"')
+        lines.append(f"  {_id(src)} -> {_id(dst)}" + (f' [label="{text}"];' if label else ";"))
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,9 @@ Handler = Callable[[Event, Any], HandlerResult | Awaitable[HandlerResult]]
 class Envelope:
     """One delivery on its way through the stack, and what the layers learned about it."""
 
-    __slots__ = ("attempt", "context", "ctx", "delivery", "event", "failed", "settled", "span", "worker")
+    __slots__ = (
+        "attempt", "context", "ctx", "delivery", "event", "failed", "lane", "settled", "span", "worker",
+    )  # fmt: skip
 
     def __init__(self, delivery: Delivery, worker: int, attempt: int) -> None:
         self.delivery = delivery
@@ -29,6 +31,7 @@ class Envelope:
         self.ctx: Any = None
         self.span: Any = None
         self.context: Any = None  # the ordering key's value (thread delegate), or None
+        self.lane = "standard"  # or "priority": the lane it came from (ambulance / carpool)
         # True once a layer has acknowledged the delivery or handed it on (retry, parking).
         self.settled = False
         # True once the handler failed and on_error took the event (retry scheduled, parked).

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
@@ -79,6 +79,7 @@ class AmqpSubscription:
         # Deliveries received and not yet handed out, and the worker waiting for one.
         self._inbox: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
         self._channel: AbstractRobustChannel | None = None
         self._amqp_queue: Any = None
         self._consumer_tag: str | None = None
@@ -117,29 +118,51 @@ class AmqpSubscription:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self._listeners:
+            listeners, self._listeners = self._listeners, []
+            for callback in listeners:
+                callback()
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
 
-    async def __anext__(self) -> Delivery:
+    @property
+    def ended(self) -> bool:
         inbox = self._inbox
-        while True:
-            while not inbox:
-                if self._cancelled:
-                    raise StopAsyncIteration
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            item = inbox.popleft()
+        return self._cancelled and (not inbox or inbox[0] is _STOP)
+
+    def poll(self) -> Delivery | None:
+        inbox = self._inbox
+        while inbox:
+            item = inbox[0]
             if item is _STOP:
-                inbox.appendleft(_STOP)  # every later call ends too
-                raise StopAsyncIteration
+                return None  # it stays: every later call ends too
+            inbox.popleft()
             channel, message = item
             if channel is self._underlay and not channel.is_closed:
                 return AmqpDelivery(channel, message, self)
             # Prefetched on a channel that died: RabbitMQ delivers it again on the new one.
+        return None
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            delivery = self.poll()
+            if delivery is not None:
+                return delivery
+            if self.ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     @property
     def held(self) -> int:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +63,20 @@ class Subscription(Protocol):
     @property
     def held(self) -> int:
         """Deliveries received and not yet acknowledged or rejected."""
+
+    @property
+    def ended(self) -> bool:
+        """Cancelled, and nothing is left to hand out."""
+
+    def poll(self) -> Delivery | None:
+        """The next delivery if one is here now, without waiting (the lanes of pattern 3 read two
+        subscriptions this way, the priority lane first)."""
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (once) when a delivery may have arrived or the subscription ended;
+        `unlisten` removes it. Several listeners may wait on one subscription."""
+
+    def unlisten(self, callback: Callable[[], None]) -> None: ...
 
     async def cancel(self) -> None:
         """Stop receiving; deliveries already handed out can still be acknowledged or requeued."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .base import BrokerError, Delivery, Depth, Message
@@ -89,6 +89,7 @@ class MemorySubscription:
         # Outstanding deliveries in delivery order (a dict keeps it), as a closed channel returns them.
         self.unacked: dict[MemoryDelivery, None] = {}
         self._signal: asyncio.Future[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
         self._cancelled = False
         self._since_yield = 0
 
@@ -99,38 +100,68 @@ class MemorySubscription:
     def held(self) -> int:
         return len(self.unacked)
 
-    async def __anext__(self) -> Delivery:
+    @property
+    def ended(self) -> bool:
+        return self._cancelled
+
+    def poll(self) -> MemoryDelivery | None:
         queue = self.queue
+        if self._cancelled or not queue.ready or len(self.unacked) >= self.prefetch:
+            return None
+        delivery = queue.ready.popleft()
+        delivery._sub = self
+        self.unacked[delivery] = None
+        return delivery
+
+    async def __anext__(self) -> Delivery:
         while True:
-            if self._cancelled:
-                raise StopAsyncIteration
-            if queue.ready and len(self.unacked) < self.prefetch:
-                delivery = queue.ready.popleft()
-                delivery._sub = self
-                self.unacked[delivery] = None
+            delivery = self.poll()
+            if delivery is not None:
                 self._since_yield += 1
                 if self._since_yield >= _YIELD_EVERY:
                     self._since_yield = 0
                     await asyncio.sleep(0)
                 return delivery
+            if self._cancelled:
+                raise StopAsyncIteration
             self._signal = asyncio.get_running_loop().create_future()
-            if len(self.unacked) < self.prefetch:
-                queue.waiting.append(self)
+            self._arm()
             try:
                 await self._signal
             finally:
                 self._signal = None
 
+    def _arm(self) -> None:
+        """Ask the queue to wake this subscription when a message is ready for it."""
+        if len(self.unacked) < self.prefetch and self not in self.queue.waiting:
+            self.queue.waiting.append(self)
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+        self._arm()
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    @property
+    def _waiting(self) -> bool:
+        return self._signal is not None or bool(self._listeners)
+
     def wake(self) -> None:
         if self._signal is not None and not self._signal.done():
             self._signal.set_result(None)
+        if self._listeners:
+            listeners, self._listeners = self._listeners, []
+            for callback in listeners:
+                callback()
 
     def settled(self, delivery: MemoryDelivery) -> bool:
         """Forget an acknowledged or rejected delivery; False when it was not outstanding here."""
         if delivery not in self.unacked:
             return False
         del self.unacked[delivery]
-        if self._signal is not None and self not in self.queue.waiting:
+        if self._waiting and self not in self.queue.waiting:
             self.wake()  # it was full and waits for room: look at the queue again
         return True
 

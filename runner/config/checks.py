@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from . import refs
+from . import policy, refs
 from .policies import OnError, Source
 from .policy import REF
 from .yamlpos import Loc
@@ -54,6 +54,7 @@ def check_pipeline(raw: dict[str, Any], base_dir: Path, *, check_refs: bool) -> 
             yield from _consumer_refs(("consumers", name), consumer, dirs)
     for name, producer in producers.items():
         yield from _producer(("producers", name), producer, base_dir, dirs if check_refs else None)
+    yield from _lanes(raw, consumers, producers)
 
 
 def _mapping(value: Any) -> dict[str, dict[str, Any]]:
@@ -89,6 +90,65 @@ def _consumer(loc: Loc, consumer: dict[str, Any], config: Any) -> Iterator[Probl
                 "scale inside it with concurrency or autoscale"
             ),
         )
+
+
+def _lanes(
+    raw: dict[str, Any], consumers: dict[str, dict[str, Any]], producers: dict[str, dict[str, Any]]
+) -> Iterator[Problem]:
+    """Priority lanes (pattern 3): one lane policy per queue, a lane's name free, marks that land."""
+    lanes: dict[str, tuple[str, Any]] = {}  # queue → (first consumer, its priority_lane)
+    for name, consumer in consumers.items():
+        queue, lane = consumer.get("from"), consumer.get("priority_lane")
+        if not isinstance(queue, str):
+            continue
+        lane = None if lane is False else lane
+        if queue in lanes and _lane_when(lanes[queue][1]) != _lane_when(lane):
+            first = lanes[queue][0]
+            yield (
+                ("consumers", name, "priority_lane"),
+                f"consumers {first!r} and {name!r} read {queue!r} with different priority lanes; "
+                "a queue has one lane and one rule for what goes in it",
+            )
+        lanes.setdefault(queue, (name, lane))
+    laned = {queue for queue, (_, lane) in lanes.items() if lane is not None}
+    named = {*_mapping(raw.get("queues")), *(c.get("from") for c in consumers.values())}
+    named |= {c.get("emit") for c in consumers.values()} | {p.get("to") for p in producers.values()}
+    for queue in sorted(q for q in named if isinstance(q, str)):
+        base = queue.removesuffix(".priority")
+        if base != queue and base in laned:
+            yield (
+                ("consumers", lanes[base][0], "priority_lane"),
+                f"{queue!r} is the priority lane of {base!r}; it cannot be named as a queue of its own",
+            )
+    for name, producer in producers.items():
+        if producer.get("priority") is None:
+            continue
+        route = producer.get("route")
+        targets = [producer.get("to")]
+        if isinstance(route, dict):
+            targets += [*_mapping_values(route.get("to")), route.get("default")]
+        if not any(t in laned for t in targets if isinstance(t, str)):
+            yield (
+                ("producers", name, "priority"),
+                "none of this producer's queues has a priority lane (set priority_lane on the "
+                "consumer of its queue)",
+            )
+
+
+def _lane_when(lane: Any) -> Any:
+    """What decides the lane of an event: None (no lane), True (marks only) or the expression."""
+    if lane is None:
+        return None
+    try:
+        data = lane if isinstance(lane, dict) else policy.parse_priority_lane(lane)
+    except policy.PolicySyntaxError:
+        return lane  # reported where the whole file is validated
+    when = data.get("when")
+    return when.strip() if isinstance(when, str) else True
+
+
+def _mapping_values(value: Any) -> list[Any]:
+    return list(value.values()) if isinstance(value, dict) else []
 
 
 def _consumer_refs(loc: Loc, consumer: dict[str, Any], dirs: tuple[Path, ...]) -> Iterator[Problem]:

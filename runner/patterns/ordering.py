@@ -5,9 +5,9 @@ worker) and the in-flight count per (worker, context). A context is given to the
 worker one event at a time: while it has an event at a worker, its later events wait, in order, at
 the dispatcher; when the count drops to 0 the context is released and its next event goes to
 whichever worker is least loaded then. So workers added by autoscaling take over contexts as they
-are released, and a context never runs on two workers at once. Each worker keeps a lane per
-context and runs the head of a lane that is not waiting out a retry, so a failing event blocks its
-own context only. Workers talk to the dispatcher through its inbox; nothing else touches the maps.
+are released, and a context never runs on two workers at once. Each worker keeps a backlog, a FIFO
+per context, and runs the head of a context that is not waiting out a retry, so a failing event
+blocks its own context only. Workers talk to the dispatcher through its inbox; nothing else touches the maps.
 
 Events without the field (or whose body does not decode) have no context: each is independent and
 goes to the least-loaded worker.
@@ -16,6 +16,7 @@ goes to the least-loaded worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Coroutine
@@ -27,8 +28,11 @@ from ..brokers import Delivery, Subscription
 from ..runtime.failures import RetryInPlace, describe
 from ..runtime.pool import PoolSettings, backoff, count_consumers, envelope_for
 from ..types import Envelope, lookup
+from .priority import PRIORITY, OrderGuard, PriorityFeed
 
 Hashable = str | int | float | bool
+SWEEP_EVERY = 0.25  # seconds between looks at a lane that held events wait on
+SWEEP_SETTLE = 0.1
 Make = Callable[[Delivery, int], Envelope]  # builds the envelope of a delivery for a worker
 _NO_CONTEXT = object()
 
@@ -45,11 +49,16 @@ def context_of(body: bytes, field: str) -> Any:
     return value if isinstance(value, Hashable) else None
 
 
-class Lanes:
-    """One worker's pending events, a FIFO lane per context; the worker runs one event at a time."""
+class Backlog:
+    """One worker's pending events, a FIFO per context; the worker runs one event at a time.
+
+    A context holding a priority-lane event runs before the others (ambulance, pattern 3): its head
+    first, since even a priority event waits for its own context's earlier events.
+    """
 
     def __init__(self) -> None:
-        self.lanes: OrderedDict[Any, deque[Envelope]] = OrderedDict()
+        self.contexts: OrderedDict[Any, deque[Envelope]] = OrderedDict()
+        self.urgent: dict[Any, int] = {}  # context → priority events queued in it
         self.blocked_until: dict[Any, float] = {}
         self.retiring = False
         self.stopped = False
@@ -57,10 +66,12 @@ class Lanes:
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
-        return sum(len(lane) for lane in self.lanes.values())
+        return sum(len(queue) for queue in self.contexts.values())
 
     def put(self, key: Any, envelope: Envelope) -> None:
-        self.lanes.setdefault(key, deque()).append(envelope)
+        self.contexts.setdefault(key, deque()).append(envelope)
+        if envelope.lane == PRIORITY:
+            self.urgent[key] = self.urgent.get(key, 0) + 1
         self._wake()
 
     def _wake(self) -> None:
@@ -68,14 +79,18 @@ class Lanes:
             self._signal.set_result(None)
 
     def _runnable(self, now: float) -> tuple[Any, Envelope] | None:
-        for key, lane in self.lanes.items():
-            if lane and self.blocked_until.get(key, 0.0) <= now:
-                self.lanes.move_to_end(key)  # round-robin between contexts
-                return key, lane[0]
+        blocked = self.blocked_until
+        for key in self.urgent:
+            if blocked.get(key, 0.0) <= now:
+                return key, self.contexts[key][0]
+        for key, queue in self.contexts.items():
+            if queue and self.blocked_until.get(key, 0.0) <= now:
+                self.contexts.move_to_end(key)  # round-robin between contexts
+                return key, queue[0]
         return None
 
     async def next(self) -> tuple[Any, Envelope] | None:
-        """The head of a runnable lane; None once retiring and empty."""
+        """The head of a runnable context; None once retiring and empty."""
         loop = asyncio.get_running_loop()
         while True:
             if self.stopped:
@@ -99,18 +114,23 @@ class Lanes:
         self._wake()
 
     def block(self, key: Any, delay: float) -> None:
-        """Hold the context's head for `delay` (a retry back-off); other lanes go on."""
+        """Hold the context's head for `delay` (a retry back-off); other contexts go on."""
         self.blocked_until[key] = asyncio.get_running_loop().time() + delay
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def pop(self, key: Any) -> None:
-        lane = self.lanes[key]
-        lane.popleft()
+        queue = self.contexts[key]
+        if queue.popleft().lane == PRIORITY:
+            left = self.urgent[key] - 1
+            if left:
+                self.urgent[key] = left
+            else:
+                del self.urgent[key]
         self.blocked_until.pop(key, None)
-        if not lane:
-            del self.lanes[key]
+        if not queue:
+            del self.contexts[key]
 
     def retire(self) -> None:
         self.retiring = True
@@ -123,14 +143,22 @@ class Lanes:
 
 
 class Dispatcher:
-    """Owns the allocation map; everything reaches it as a message in its inbox."""
+    """Owns the allocation map; everything reaches it as a message in its inbox.
 
-    def __init__(self, field: str) -> None:
+    With a priority lane, an `OrderGuard` first holds back any event whose predecessor of the same
+    context, from the other lane, has not reached the dispatcher yet; carpool workers get priority
+    events only, and the other workers standard events only.
+    """
+
+    def __init__(self, field: str, *, queue: str | None = None, lane: str | None = None) -> None:
         self.field = field
+        self.lane = lane
+        self.guard = OrderGuard(queue, lane) if queue is not None and lane is not None else None
+        self.carpool: set[int] = set()
         self.allocation_map: dict[Any, int] = {}
         self.in_flight: Counter[tuple[int, Any]] = Counter()
         self.load: dict[int, int] = {}  # events given to a worker and not finished
-        self.lanes: dict[int, Lanes] = {}
+        self.backlogs: dict[int, Backlog] = {}
         # Events of a context that has one at a worker already, waiting their turn in order.
         self.pending: dict[Any, deque[tuple[Delivery, Make]]] = {}
         self.inbox: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
@@ -144,21 +172,40 @@ class Dispatcher:
     def finished(self, worker: int, key: Any) -> None:
         self.inbox.put_nowait(("finished", worker, key))
 
-    def add_worker(self, worker: int) -> Lanes:
-        lanes = self.lanes[worker] = Lanes()
+    def add_worker(self, worker: int, *, carpool: bool = False) -> Backlog:
+        backlog = self.backlogs[worker] = Backlog()
         self.load[worker] = 0
-        return lanes
+        if carpool:
+            self.carpool.add(worker)
+        return backlog
 
     def retire_worker(self, worker: int) -> None:
         self.inbox.put_nowait(("retire", worker, None))
 
+    def drained(self, queue: str, since: float) -> None:
+        """`queue` had nothing left to deliver when looked at after `since` (see OrderGuard)."""
+        self.inbox.put_nowait(("drained", queue, since))
+
+    def waiting_on(self) -> set[str]:
+        """The lanes whose events some held event waits for."""
+        return self.guard.waiting_on() if self.guard is not None else set()
+
     # -- the owner task ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             kind, first, second = await self.inbox.get()
             if kind == "deliver":
-                self._route(first, second)
+                if self.guard is None:
+                    self._route(first, second)
+                else:
+                    for delivery, make in self.guard.admit(first, (first, second), loop.time()):
+                        self._route(delivery, make)
+            elif kind == "drained":
+                assert self.guard is not None
+                for delivery, make in self.guard.drained(first, second):
+                    self._route(delivery, make)
             elif kind == "finished":
                 self._release(first, second)
             elif kind == "retire":
@@ -175,17 +222,21 @@ class Dispatcher:
             self._give(context, context, delivery, make)
 
     def _give(self, key: Any, context: Any, delivery: Delivery, make: Make) -> None:
-        worker = self._least_loaded()
+        worker = self._least_loaded(bool(self.carpool) and delivery.queue == self.lane)
         if context is not None:
             self.allocation_map[context] = worker
         self.in_flight[(worker, key)] += 1
         self.load[worker] += 1
         envelope = make(delivery, worker)
         envelope.context = context
-        self.lanes[worker].put(key, envelope)
+        self.backlogs[worker].put(key, envelope)
 
-    def _least_loaded(self) -> int:
-        candidates = [w for w, lanes in self.lanes.items() if not lanes.retiring] or list(self.lanes)
+    def _least_loaded(self, carpool: bool) -> int:
+        """Carpool workers for a priority event, when there are; otherwise the others."""
+        candidates = [
+            w for w, backlog in self.backlogs.items()
+            if not backlog.retiring and (w in self.carpool) == carpool
+        ] or [w for w in self.backlogs if (w in self.carpool) == carpool] or list(self.backlogs)  # fmt: skip
         return min(candidates, key=lambda w: (self.load[w], w))
 
     def _release(self, worker: int, key: Any) -> None:
@@ -203,21 +254,25 @@ class Dispatcher:
                     self._give(key, key, delivery, make)
 
     def _retire(self, worker: int) -> None:
-        lanes = self.lanes.get(worker)
-        if lanes is not None:
-            lanes.retire()  # it finishes what it holds; new contexts go elsewhere
+        backlog = self.backlogs.get(worker)
+        if backlog is not None:
+            backlog.retire()  # it finishes what it holds; new contexts go elsewhere
 
     def forget(self, worker: int) -> None:
         """A retired worker has stopped."""
-        self.lanes.pop(worker, None)
+        self.backlogs.pop(worker, None)
         self.load.pop(worker, None)
 
     def idle_workers(self) -> list[int]:
-        return [w for w, lanes in self.lanes.items() if not lanes.retiring and self.load.get(w, 0) == 0]
+        """Workers autoscaling may retire: idle, and not carpool."""
+        return [
+            w for w, backlog in self.backlogs.items()
+            if not backlog.retiring and self.load.get(w, 0) == 0 and w not in self.carpool
+        ]  # fmt: skip
 
 
 class OrderedWorkers:
-    """The worker pool of an ordered consumer: one subscription, a dispatcher, lane workers.
+    """The worker pool of an ordered consumer: one subscription, a dispatcher, workers.
 
     Same interface as `runtime.pool.IndependentWorkers`, so autoscaling works the same way. A
     worker that dies (a handler raising SystemExit) takes the pool down with it, like a process:
@@ -228,8 +283,12 @@ class OrderedWorkers:
         self.name, self.queue, self.broker = settings.name, settings.queue, settings.broker
         self.prefetch, self.process, self.stats = settings.prefetch, settings.process, settings.stats
         self.after_each, self.field = settings.after_each, field
+        self.lane = settings.lane
+        self.lane_queue = self.lane.queue if self.lane is not None else None
+        self._make: Make = functools.partial(envelope_for, lane=self.lane_queue)
         self.log = logging.getLogger(f"edarun.{settings.name}")
-        self.dispatcher = Dispatcher(field)
+        self.dispatcher = self._dispatcher()
+        self.arrived: Counter[str] = Counter()  # deliveries per queue (lane or standard)
         self.subscription: Subscription | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.workers: dict[int, asyncio.Task[None]] = {}
@@ -239,9 +298,15 @@ class OrderedWorkers:
         self._crashes = 0
         self._restarting = False
 
+    def _dispatcher(self) -> Dispatcher:
+        return Dispatcher(self.field, queue=self.queue, lane=self.lane_queue)
+
     @property
     def size(self) -> int:
-        return sum(1 for lanes in self.dispatcher.lanes.values() if not lanes.retiring)
+        """Workers that serve the standard queue: what autoscaling sizes."""
+        carpool = self.dispatcher.carpool
+        backlogs = self.dispatcher.backlogs.items()
+        return sum(1 for w, backlog in backlogs if not backlog.retiring and w not in carpool)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -253,17 +318,24 @@ class OrderedWorkers:
         if self.subscription is None and not self.tasks:
             self._spawn(self._feed(), f"{self.name} feed")
             self._spawn(self.dispatcher.run(), f"{self.name} dispatch")
-        loop = asyncio.get_running_loop()
+            if self.lane is not None:
+                self._spawn(self._sweep(), f"{self.name} lanes")
+                if self.lane.mode == "carpool":
+                    for _ in range(self.lane.carpool):
+                        self._add(carpool=True)
         for _ in range(count):
-            self._next_id += 1
-            worker = self._next_id
-            lanes = self.dispatcher.add_worker(worker)
-            self.idle_since[worker] = loop.time()
-            self.workers[worker] = self._spawn(self._lane(worker, lanes), f"{self.name}#{worker}")
+            self._add(carpool=False)
         self._count()
 
+    def _add(self, *, carpool: bool) -> None:
+        self._next_id += 1
+        worker = self._next_id
+        backlog = self.dispatcher.add_worker(worker, carpool=carpool)
+        self.idle_since[worker] = asyncio.get_running_loop().time()
+        self.workers[worker] = self._spawn(self._run(worker, backlog), f"{self.name}#{worker}")
+
     def _count(self) -> None:
-        count_consumers(self.stats, self.size)
+        count_consumers(self.stats, self.size + len(self.dispatcher.carpool))
 
     def retire_idle(self, count: int, idle_for: float) -> int:
         now = asyncio.get_running_loop().time()
@@ -273,7 +345,7 @@ class OrderedWorkers:
         ]  # fmt: skip
         chosen = sorted(idle, key=lambda w: self.idle_since[w])[:count]
         for worker in chosen:
-            self.dispatcher.lanes[worker].retiring = True  # no new contexts from now on
+            self.dispatcher.backlogs[worker].retiring = True  # no new contexts from now on
             self.dispatcher.retire_worker(worker)
         self._count()
         return len(chosen)
@@ -282,19 +354,43 @@ class OrderedWorkers:
         return self.subscription.held if self.subscription is not None else 0
 
     async def _feed(self) -> None:
-        self.subscription = await self.broker.consume(self.queue, prefetch=self.prefetch)
+        standard = await self.broker.consume(self.queue, prefetch=self.prefetch)
+        if self.lane_queue is None:
+            self.subscription = standard
+        else:
+            lane = await self.broker.consume(self.lane_queue, prefetch=self.prefetch)
+            self.subscription = PriorityFeed(lane, standard, owns_lane=True)
+        arrived, make = self.arrived, self._make
         async for delivery in self.subscription:
             self.stats.received += 1
-            self.dispatcher.deliver(delivery, envelope_for)
+            arrived[delivery.queue] += 1
+            self.dispatcher.deliver(delivery, make)
 
-    async def _lane(self, worker: int, lanes: Lanes) -> None:
+    async def _sweep(self) -> None:
+        """Tell the dispatcher when a lane that held events wait on has nothing left to deliver.
+
+        An event waits for its context's predecessor in the other lane; if that one was processed
+        before this consumer started it never arrives. Once that lane has no ready messages and no
+        delivery arrived while we looked, everything published to it before has reached us.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            for queue in self.dispatcher.waiting_on():
+                since, before = loop.time(), self.arrived[queue]
+                depth = await self.broker.depth(queue)
+                await asyncio.sleep(SWEEP_SETTLE)  # a delivery already on its way lands meanwhile
+                if depth.ready == 0 and self.arrived[queue] == before:
+                    self.dispatcher.drained(queue, since)
+
+    async def _run(self, worker: int, backlog: Backlog) -> None:
         stats, loop = self.stats, asyncio.get_running_loop()
         try:
-            while (item := await lanes.next()) is not None:
+            while (item := await backlog.next()) is not None:
                 key, envelope = item
                 if envelope.delivery.stale:
                     # Its channel died: RabbitMQ delivers it again, after the ones before it.
-                    lanes.pop(key)
+                    backlog.pop(key)
                     self.dispatcher.finished(worker, key)
                     continue
                 stats.in_flight += 1
@@ -304,7 +400,7 @@ class OrderedWorkers:
                 except RetryInPlace as retry:
                     envelope.attempt += 1
                     envelope.failed = False
-                    lanes.block(key, retry.delay)  # its context waits; the others go on
+                    backlog.block(key, retry.delay)  # its context waits; the others go on
                     continue
                 except (asyncio.CancelledError, GeneratorExit):
                     raise
@@ -316,12 +412,12 @@ class OrderedWorkers:
                     self.idle_since[worker] = loop.time()
                     if self.after_each is not None:
                         self.after_each()
-                lanes.pop(key)
+                backlog.pop(key)
                 self.dispatcher.finished(worker, key)
         finally:
             self.workers.pop(worker, None)
             self.idle_since.pop(worker, None)
-            if lanes.retiring and not self._stopping and not self._restarting:
+            if backlog.retiring and not self._stopping and not self._restarting:
                 self.dispatcher.forget(worker)
                 self._count()
 
@@ -345,7 +441,7 @@ class OrderedWorkers:
             await self.subscription.close()  # everything unacknowledged goes back, marked
             self.subscription = None
         self.stats.in_flight = 0
-        self.dispatcher = Dispatcher(self.field)
+        self.dispatcher = self._dispatcher()
         self.workers.clear()
         self.idle_since.clear()
         await asyncio.sleep(delay)
@@ -354,12 +450,12 @@ class OrderedWorkers:
             self.start(count)
 
     async def drain(self) -> None:
-        """Finish only what the workers are running now; everything queued in lanes goes back."""
+        """Finish only what the workers are running now; everything in their backlogs goes back."""
         self._stopping = True
         if self.subscription is not None:
             await self.subscription.cancel()
-        for lanes in self.dispatcher.lanes.values():
-            lanes.stop()
+        for backlog in self.dispatcher.backlogs.values():
+            backlog.stop()
         if self.workers:
             await asyncio.gather(*self.workers.values(), return_exceptions=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..brokers import Broker, BrokerError, Depth, connect_url
 from ..config.loader import LoadedPipeline
+from ..patterns.priority import lane_queue, lane_rules
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
 from . import loop as event_loop
@@ -75,7 +76,8 @@ def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
 
 
 def queues_of(loaded: LoadedPipeline) -> list[str]:
-    """Every queue the pipeline names, in the order it names them."""
+    """Every queue the pipeline names, in the order it names them, each followed by its priority
+    lane when it has one."""
     model = loaded.model
     names: list[str] = list(model.queues)
     for producer in model.producers.values():
@@ -88,7 +90,21 @@ def queues_of(loaded: LoadedPipeline) -> list[str]:
             ]
     for consumer in model.consumers.values():
         names += [consumer.from_, *([consumer.emit] if consumer.emit else [])]
-    return list(dict.fromkeys(names))
+    laned = lane_rules(model)
+    return list(
+        dict.fromkeys(n for name in names for n in (name, *([lane_queue(name)] if name in laned else [])))
+    )
+
+
+def consumed_queues(loaded: LoadedPipeline, consumers: Sequence[str]) -> set[str]:
+    """The queues (and lanes) the named consumers read: where idle looks for work left."""
+    queues = set()
+    for name in consumers:
+        spec = loaded.model.consumers[name]
+        queues.add(spec.from_)
+        if spec.priority_lane is not None:
+            queues.add(lane_queue(spec.from_))
+    return queues
 
 
 class Runner:
@@ -157,6 +173,7 @@ class Runner:
 
     def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[ConsumerService]]:
         model, loaded = self.loaded.model, self.loaded
+        lanes = lane_rules(model)
         consumers = []
         # Enough threads for every sync handler call that can run at once (autoscale's max too).
         threads = sum(self._most_workers(model.consumers[n]) for n in self.consumer_names)
@@ -174,6 +191,7 @@ class Runner:
                     stats=stats,
                     parked=self.stats.parked_events,
                     executor=self.executor,
+                    lanes=lanes,
                 )
             )
         if self.options.counters is not None:
@@ -195,6 +213,7 @@ class Runner:
                     tracing=tracing,
                     stats=self.stats.producers.setdefault(name, ProducerStats()),
                     skip=self.options.skip.get(name, 0),
+                    lanes=lanes,
                 )
             )
         if self.options.counters is not None:
@@ -269,7 +288,7 @@ class Runner:
 
     async def _watch(self, broker: Broker, consumers: list[ConsumerService]) -> str:
         assert self.stop_requested is not None
-        consumed = {c.queue for c in consumers}
+        consumed = consumed_queues(self.loaded, self.consumer_names)
         view = self.options.view
         # A network broker may have handed a message out that has not reached us yet: idle must
         # hold on two polls in a row with nothing received in between.

@@ -23,13 +23,14 @@ from ..config.models import Consumer
 from ..patterns.dedupe import dedupe
 from ..patterns.forwarding import forwarding
 from ..patterns.ordering import OrderedWorkers
+from ..patterns.priority import PRIORITY, LaneRule, lane_queue
 from ..patterns.supervisor import Supervisor, describe_decision
 from ..telemetry import Tracing
 from ..types import CallNext, Envelope, Handler, Layer
 from .context import EMPTY_CONFIG, Context
 from .dashboard import Dashboard
 from .failures import Retries, on_error
-from .pool import IndependentWorkers, PoolSettings, WorkerPool
+from .pool import IndependentWorkers, LaneSettings, PoolSettings, WorkerPool
 from .publisher import Publisher
 from .stats import ConsumerStats
 
@@ -53,10 +54,12 @@ class ConsumerService:
         parked: list[dict[str, Any]],
         executor: Executor,
         config: Mapping[str, Any] = EMPTY_CONFIG,
+        lanes: Mapping[str, LaneRule] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
         self.queue = spec.from_
+        self.lane_queue = lane_queue(self.queue) if spec.priority_lane else None
         self.emit = spec.emit
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler)
@@ -67,7 +70,7 @@ class ConsumerService:
         self.executor = executor
         self.config = config
         self.log = logging.getLogger(f"edarun.{name}")
-        self.publisher = Publisher(broker, tracing, service=name)
+        self.publisher = Publisher(broker, tracing, service=name, lanes=lanes)
         self.dashboard = Dashboard(self.publisher, name, stats, parked)
         self.retries = Retries()
         # Called after each delivery, before its acknowledgement leaves (runtime.counters).
@@ -112,6 +115,8 @@ class ConsumerService:
         }
         if envelope.context is not None:
             attributes["edarun.context"] = envelope.context
+        if self.lane_queue is not None:
+            attributes["edarun.lane"] = envelope.lane
         with self.tracing.consume_span(
             delivery.queue,
             message_id=delivery.message_id,
@@ -146,7 +151,7 @@ class ConsumerService:
     async def _invoke(self, envelope: Envelope) -> None:
         delivery = envelope.delivery
         ctx = envelope.ctx = Context(
-            delivery.queue,
+            self.queue,
             self.name,
             envelope.worker,
             envelope.attempt,
@@ -156,6 +161,7 @@ class ConsumerService:
             self.log,
             envelope.span,
             context=envelope.context,
+            lane=envelope.lane,
             config=self.config,
         )
         event = envelope.event
@@ -168,6 +174,8 @@ class ConsumerService:
             # copy_context: the consumer span stays current inside the worker thread.
             result = await loop.run_in_executor(self.executor, contextvars.copy_context().run, call)
         self.stats.processed += 1
+        if envelope.lane == PRIORITY:
+            self.stats.priority += 1
         outbox = ctx.outbox
         if result is None and not outbox:
             return
@@ -203,10 +211,17 @@ class ConsumerService:
             process=self._process,
             stats=self.stats,
             after_each=self._after_each,
+            lane=self._lane(),
         )
         if ordering is not None:
             return OrderedWorkers(settings, field=ordering.by)
         return IndependentWorkers(settings)
+
+    def _lane(self) -> LaneSettings | None:
+        lane = self.spec.priority_lane
+        if lane is None or self.lane_queue is None:
+            return None
+        return LaneSettings(queue=self.lane_queue, mode=lane.mode, carpool=lane.carpool)
 
     def _after_each(self) -> None:
         if self.mirror is not None:
@@ -218,8 +233,13 @@ class ConsumerService:
             self.pool.start(count)
             return
         self.pool.start(policy.min)
+        # Ambulance workers serve both lanes, so both count; carpool workers alone serve the lane.
+        lane = self.spec.priority_lane
+        queues = [self.queue]
+        if self.lane_queue is not None and lane is not None and lane.mode == "ambulance":
+            queues.append(self.lane_queue)
         self.supervisor = Supervisor(
-            policy, consumer=self.name, queues=[self.queue], broker=self.broker, pool=self.pool,
+            policy, consumer=self.name, queues=queues, broker=self.broker, pool=self.pool,
             instances=instances, decided=self._scaled,
         )  # fmt: skip
         self._supervising = asyncio.create_task(self.supervisor.run(), name=f"{self.name} supervisor")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = (
-    "processed", "failed", "retried", "repaired", "parked", "received", "duplicates", "restarts",
+    "processed", "priority", "failed", "retried", "repaired", "parked", "received", "duplicates", "restarts",
     "published", "rejected", "confirmed",
 )  # fmt: skip
 _LAYOUT = struct.Struct(f"<{len(FIELDS)}q")

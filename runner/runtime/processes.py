@@ -32,6 +32,7 @@ from .app import (
     EXIT_OK,
     Runner,
     RunOptions,
+    consumed_queues,
     queues_of,
     sample_depths,
 )
@@ -45,7 +46,7 @@ _POLL = 0.25
 _RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 _HEALTHY_AFTER = 30.0
 _DRAIN_GRACE = 60.0
-_SUMMED = ("processed", "failed", "retried", "repaired", "parked", "restarts", "received")
+_SUMMED = ("processed", "priority", "failed", "retried", "repaired", "parked", "restarts", "received")
 
 
 @dataclass
@@ -276,7 +277,7 @@ class Supervisor:
         return {q: d.ready for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
 
     async def _watch(self, broker: Broker) -> str:
-        consumed = {self.loaded.model.consumers[c].from_ for c in self.plan.consumer_names}
+        consumed = consumed_queues(self.loaded, self.plan.consumer_names)
         consumers = [c for c in self.children if c.kind == "consumer"]
         idle_seen: dict[str, tuple[int, int]] | None = None
         while True:

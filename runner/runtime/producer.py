@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..brokers import Broker, BrokerError
+from ..config.expr import evaluate
 from ..config.models import Producer
+from ..patterns.priority import LaneRule
 from ..patterns.routing import NoRoute, Router
 from ..telemetry import Tracing
 from .context import SourceContext
@@ -30,6 +32,7 @@ class ProducerService:
         tracing: Tracing,
         stats: ProducerStats,
         skip: int = 0,
+        lanes: Mapping[str, LaneRule] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -37,7 +40,7 @@ class ProducerService:
         self.source_function = source_function
         self.stats = stats
         self.log = logging.getLogger(f"edarun.{name}")
-        self.publisher = Publisher(broker, tracing, service=name)
+        self.publisher = Publisher(broker, tracing, service=name, lanes=lanes)
         self.stopping = asyncio.Event()
         self.window = getattr(broker, "publish_window", 1)
         self.router = Router(spec.route) if spec.route is not None else None
@@ -126,8 +129,10 @@ class ConfirmWindow:
 
     async def _one(self, index: int, queue: str, event: dict[str, Any]) -> None:
         producer = self.producer
+        when = producer.spec.priority  # pattern 3: the producer marks events for the lane
         try:
-            await producer.publisher.publish(queue, event, root=True)
+            marked = when is not None and evaluate(when, event)
+            await producer.publisher.publish(queue, event, root=True, priority=marked)
         except (PublishError, BrokerError) as exc:
             self.stats.rejected += 1
             producer.log.error("%s: publish failed: %s", producer.name, exc)

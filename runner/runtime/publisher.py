@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from itertools import count
 from typing import Any
 
 import orjson
 
 from ..brokers import Broker, Message
+from ..patterns.priority import PRIORITY, STANDARD, LaneRule, Sequencer
 from ..telemetry import Tracing
+from ..types import lookup
 
 ATTEMPT = "x-edarun-attempt"
-PRIORITY = "x-edarun-priority"
+log = logging.getLogger("edarun.publish")
 
 
 class PublishError(RuntimeError):
@@ -20,13 +24,23 @@ class PublishError(RuntimeError):
 
 
 class Publisher:
-    def __init__(self, broker: Broker, tracing: Tracing, *, service: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        tracing: Tracing,
+        *,
+        service: str,
+        lanes: Mapping[str, LaneRule] | None = None,
+    ) -> None:
         self.broker = broker
         self.tracing = tracing
         self.service = service
+        self.lanes = lanes or {}  # queue → its priority lane rule (pattern 3)
         # Unique without a uuid4 per message: a per-process random prefix and a counter.
         self._prefix = os.urandom(6).hex() + "-"
         self._ids = count(1)
+        self._sequencers: dict[str, Sequencer] = {}
+        self._unlaned: set[str] = set()
 
     def new_id(self) -> str:
         return self._prefix + str(next(self._ids))
@@ -42,20 +56,47 @@ class Publisher:
         priority: bool = False,
         persistent: bool = True,
     ) -> str:
-        """Publish one event and return its message id once the broker has confirmed it."""
+        """Publish one event and return its message id once the broker has confirmed it.
+
+        `priority` marks the event for the queue's priority lane; a queue without one takes it as a
+        standard event, with a warning.
+        """
         try:
             body = orjson.dumps(event)
         except TypeError as exc:
             raise PublishError(f"event for {queue!r} is not JSON-serialisable: {exc}") from None
         message_id = message_id or self._prefix + str(next(self._ids))
         headers = {} if headers is None else headers
-        if priority:
-            headers[PRIORITY] = True
+        attributes = None
+        if self.lanes and (rule := self.lanes.get(queue)) is not None:
+            queue, attributes = self._lane(rule, event, priority, headers)
+        elif priority and queue not in self._unlaned:
+            self._unlaned.add(queue)  # delivered on the standard queue, said once
+            log.warning(
+                "%s: events marked priority for %r go to its standard queue: it has no priority lane "
+                "(set priority_lane on its consumer)", self.service, queue,
+            )  # fmt: skip
         if self.tracing.enabled:
-            await self.send(queue, body, message_id, headers, root=root, persistent=persistent)
+            await self.send(
+                queue, body, message_id, headers, root=root, persistent=persistent, attributes=attributes
+            )
         else:  # the hot path without tracing: one call less per event
             await self.broker.publish(queue, Message(body, message_id, headers, persistent))
         return message_id
+
+    def _lane(
+        self, rule: LaneRule, event: dict[str, Any], marked: bool, headers: dict[str, Any]
+    ) -> tuple[str, dict[str, object]]:
+        """The queue of the event's lane; with ordering, its sequence headers (patterns.priority)."""
+        lane = PRIORITY if rule.is_priority(event, marked) else STANDARD
+        if rule.order_by is not None:
+            context = lookup(event, rule.order_by)
+            if context is not None:
+                sequencer = self._sequencers.get(rule.queue)
+                if sequencer is None:
+                    sequencer = self._sequencers[rule.queue] = Sequencer(self._prefix.rstrip("-"))
+                sequencer.stamp(context, lane, headers)
+        return (rule.lane if lane == PRIORITY else rule.queue), {"edarun.lane": lane}
 
     async def send(
         self,
@@ -66,6 +107,7 @@ class Publisher:
         *,
         root: bool = False,
         persistent: bool = True,
+        attributes: dict[str, object] | None = None,
     ) -> None:
         """Publish an encoded body in a PRODUCER span; returns once the broker confirmed it."""
         message = Message(body=body, message_id=message_id, headers=headers, persistent=persistent)
@@ -74,6 +116,11 @@ class Publisher:
             await self.broker.publish(queue, message)
             return
         with tracing.publish_span(
-            queue, message_id=message_id, headers=headers, system=self.broker.system, root=root
+            queue,
+            message_id=message_id,
+            headers=headers,
+            system=self.broker.system,
+            root=root,
+            attributes=attributes,
         ):
             await self.broker.publish(queue, message)

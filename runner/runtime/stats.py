@@ -18,6 +18,7 @@ class ProducerStats:
 @dataclass
 class ConsumerStats:
     processed: int = 0
+    priority: int = 0  # of processed: events from the priority lane (pattern 3)
     failed: int = 0
     retried: int = 0
     repaired: int = 0
@@ -71,6 +72,7 @@ class RunStats:
                     "max_consumers": s.max_consumers,
                     "restarts": s.restarts,
                     "duplicates": s.duplicates,
+                    "lanes": {"standard": s.processed - s.priority, "priority": s.priority},
                 }
                 for name, s in self.consumers.items()
             },

@@ -20,13 +20,8 @@ def unsupported(model: Pipeline) -> list[str]:
     for name, queue in model.queues.items():
         if queue.flow_control:
             refuse(f"queues.{name}.flow_control", "producer control flow (pattern 8)")
-    for name, producer in model.producers.items():
-        if producer.priority:
-            refuse(f"producers.{name}.priority", "priority marking (pattern 3)")
     for name, consumer in model.consumers.items():
         where = f"consumers.{name}"
-        if consumer.priority_lane:
-            refuse(f"{where}.priority_lane", "ambulance / carpool (pattern 3)")
         if consumer.on_error.action == "workflow":
             refuse(f"{where}.on_error", "workflow event (pattern 7)")
         if consumer.watch:

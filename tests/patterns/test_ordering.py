@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.patterns.ordering import Dispatcher, Lanes, context_of
+from runner.patterns.ordering import Backlog, Dispatcher, context_of
 
 RECORDER = """
 import asyncio
@@ -178,8 +178,8 @@ def test_dispatcher_allocates_releases_and_balances() -> None:
     assert context_of(b"not json", "account") is None and context_of(b'{"a": {"b": 3}}', "a.b") == 3
 
 
-async def test_lanes_block_one_context_only() -> None:
-    lanes = Lanes()
+async def test_a_backlog_blocks_one_context_only() -> None:
+    lanes = Backlog()
     from runner.types import Envelope
 
     first, second = Envelope(None, 1, 1), Envelope(None, 1, 1)  # type: ignore[arg-type]

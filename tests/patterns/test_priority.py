@@ -1,0 +1,305 @@
+"""Ambulance / carpool: priority events overtake the standard backlog, never their own context."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from runner.patterns.priority import AFTER, SEQUENCE, OrderGuard, Sequencer, lane_queue
+
+HANDLERS = """
+import asyncio
+import threading
+import time
+
+LOG = []  # (id, kind, account, ctx.lane, ctx.worker, ctx.queue, start, end)
+_lock = threading.Lock()
+
+
+async def handle(event, ctx):
+    start = time.monotonic()
+    await asyncio.sleep(event.get("work", 0.001))
+    with _lock:
+        LOG.append((event["id"], event["kind"], event.get("account"), ctx.lane, ctx.worker, ctx.queue,
+                    start, time.monotonic()))
+
+
+def backlog_then_priority():
+    for i in range(1000):
+        yield {"id": i, "kind": "S"}
+    for i in range(1000, 1010):
+        yield {"id": i, "kind": "P"}
+
+
+def trades():
+    # Accounts A-0 … A-599 place one order each; then ten cancels: five of orders at the head of
+    # the backlog, five of orders at its very end.
+    for i in range(600):
+        yield {"id": i, "kind": "PLACE", "account": f"A-{i}", "work": 0.005}
+    for n, i in enumerate([0, 1, 2, 3, 4, 595, 596, 597, 598, 599]):
+        yield {"id": 1000 + n, "kind": "CANCEL", "account": f"A-{i}"}
+
+
+def relay(event, ctx):
+    ctx.publish("work", event, priority=event["kind"] == "P")
+"""
+
+
+def lane_pipeline(factory: Any, mod: str, lane: str, *, source: str = "backlog_then_priority", extra: str = "",
+                  producer_extra: str = "") -> Path:  # fmt: skip
+    return factory.pipeline(
+        f"""
+        version: 1
+        name: lanes
+        plugins: [plugins]
+        producers:
+          feed: {{source: "{mod}:{source}", to: work{producer_extra}}}
+        consumers:
+          worker:
+            from: work
+            handler: "{mod}:handle"
+            priority_lane: {lane}
+            {extra}
+        """
+    )
+
+
+def positions(log: list[tuple[Any, ...]]) -> dict[int, int]:
+    """Event id → how many standard events had finished before it finished."""
+    done, standard = {}, 0
+    for entry in sorted(log, key=lambda e: e[7]):
+        done[entry[0]] = standard
+        if entry[3] == "standard":
+            standard += 1
+    return done
+
+
+async def test_priority_events_overtake_the_backlog(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("ambulance", HANDLERS)
+    code, runner = await run_pipeline(lane_pipeline(factory, mod, "when(kind == 'P')"))
+    assert code == 0
+    log = factory.imported(mod).LOG
+    assert sorted(e[0] for e in log) == list(range(1010))  # everything, once
+    where = positions(log)
+    late = {i: where[i] for i in range(1000, 1010) if where[i] >= 600}
+    assert not late, f"priority events that waited behind 60% of the backlog: {late}"
+    assert {e[3] for e in log if e[1] == "P"} == {"priority"}
+    assert {e[3] for e in log if e[1] == "S"} == {"standard"}
+    assert {e[5] for e in log} == {"work"}  # ctx.queue is the consumer's queue, on either lane
+    stats = runner.stats.consumers["worker"]
+    assert (stats.processed, stats.priority) == (1010, 10)
+    report = runner.stats.report("idle")["consumers"]["worker"]
+    assert report["lanes"] == {"standard": 1000, "priority": 10}
+    assert runner.stats.max_depth.get(lane_queue("work"), 0) <= 10
+
+
+async def test_marked_events_take_the_lane(factory: Any, run_pipeline: Any) -> None:
+    """`priority_lane: true`: a producer's `priority: when(...)` and `ctx.publish(priority=True)`."""
+    mod = factory.module("marked", HANDLERS)
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: marked
+        plugins: [plugins]
+        producers:
+          feed: {{source: "{mod}:backlog_then_priority", to: incoming, priority: "when(id % 100 == 7)"}}
+        consumers:
+          relay: {{from: incoming, handler: "{mod}:relay", priority_lane: true}}
+          worker: {{from: work, handler: "{mod}:handle", priority_lane: true}}
+        """
+    )
+    code, runner = await run_pipeline(path)
+    assert code == 0
+    assert runner.stats.consumers["relay"].priority == 11  # ids 7, 107, …, 907 and 1007
+    log = factory.imported(mod).LOG
+    assert sorted(e[0] for e in log if e[3] == "priority") == list(range(1000, 1010))
+    assert runner.stats.consumers["worker"].priority == 10
+
+
+async def test_carpool_workers_take_only_the_lane(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("carpool", HANDLERS)
+    path = lane_pipeline(
+        factory, mod, "{when: \"kind == 'P'\", mode: carpool, carpool: 1}", extra="concurrency: 2"
+    )
+    code, runner = await run_pipeline(path)
+    assert code == 0
+    log = factory.imported(mod).LOG
+    assert len(log) == 1010
+    priority_workers = {e[4] for e in log if e[3] == "priority"}
+    standard_workers = {e[4] for e in log if e[3] == "standard"}
+    assert len(priority_workers) == 1 and len(standard_workers) == 2
+    assert not priority_workers & standard_workers, "a carpool worker took a standard event"
+    where = positions(log)
+    assert all(where[i] < 600 for i in range(1000, 1010))
+    assert runner.stats.consumers["worker"].max_consumers == 3
+
+
+async def test_ordering_a_cancel_never_overtakes_its_place(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("ordered_lane", HANDLERS)
+    path = lane_pipeline(
+        factory,
+        mod,
+        "when(kind == 'CANCEL')",
+        source="trades",
+        extra="ordering: by_context(account)\n            concurrency: 4",
+    )
+    code, _ = await run_pipeline(path)
+    assert code == 0
+    log = factory.imported(mod).LOG
+    assert len(log) == 610
+    finished = {e[0]: (e[6], e[7]) for e in log}
+    for n, i in enumerate([0, 1, 2, 3, 4, 595, 596, 597, 598, 599]):
+        cancel, place = finished[1000 + n], finished[i]
+        assert cancel[0] >= place[1], f"CANCEL A-{i} started before its PLACE finished"
+    where = positions(log)
+    # The cancels of orders at the head of the backlog did not wait for the rest of it.
+    early = {n: where[1000 + n] for n in range(5)}
+    assert all(p < 0.6 * 600 for p in early.values()), early
+
+
+async def test_ordering_with_carpool_keeps_contexts_apart(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("ordered_carpool", HANDLERS)
+    path = lane_pipeline(
+        factory,
+        mod,
+        "{when: \"kind == 'CANCEL'\", mode: carpool, carpool: 2}",
+        source="trades",
+        extra="ordering: by_context(account)\n            concurrency: 2",
+    )
+    code, _ = await run_pipeline(path)
+    assert code == 0
+    log = factory.imported(mod).LOG
+    finished = {e[0]: (e[6], e[7]) for e in log}
+    for n, i in enumerate([0, 1, 2, 3, 4, 595, 596, 597, 598, 599]):
+        assert finished[1000 + n][0] >= finished[i][1], f"CANCEL A-{i} ran before its PLACE"
+    priority_workers = {e[4] for e in log if e[3] == "priority"}
+    standard_workers = {e[4] for e in log if e[3] == "standard"}
+    assert priority_workers and not priority_workers & standard_workers
+
+
+# -- the sequence and the guard, without a broker ---------------------------------------------------
+
+
+class FakeDelivery:
+    def __init__(self, queue: str, headers: dict[str, Any]) -> None:
+        self.queue = queue
+        self.headers = headers
+
+
+def stamped(sequencer: Sequencer, context: str, lane: str) -> FakeDelivery:
+    headers: dict[str, Any] = {}
+    sequencer.stamp(context, lane, headers)
+    return FakeDelivery("q.priority" if lane == "priority" else "q", headers)
+
+
+def test_sequencer_names_the_previous_event_in_the_other_lane() -> None:
+    seq = Sequencer("p1")
+    first = stamped(seq, "A", "standard")
+    assert first.headers == {SEQUENCE: "p1:1"}
+    stamped(seq, "B", "standard")
+    second = stamped(seq, "A", "standard")
+    cancel = stamped(seq, "A", "priority")
+    after = stamped(seq, "A", "standard")
+    assert cancel.headers == {SEQUENCE: "p1:1", AFTER: 3}  # waits for A's last standard event
+    assert second.headers == {SEQUENCE: "p1:3"}  # same lane: FIFO keeps it in order
+    assert after.headers == {SEQUENCE: "p1:4", AFTER: 1}  # and the next standard one for the cancel
+
+
+def test_a_forgotten_context_waits_for_the_floor() -> None:
+    import runner.patterns.priority as priority
+
+    seq = Sequencer("p1")
+    old, priority.MAX_CONTEXTS = priority.MAX_CONTEXTS, 2
+    try:
+        for context in "ABC":
+            stamped(seq, context, "standard")  # A (n=1) is forgotten when C arrives
+        cancel = stamped(seq, "A", "priority")
+    finally:
+        priority.MAX_CONTEXTS = old
+    assert cancel.headers[AFTER] == 1
+
+
+def test_guard_holds_an_event_until_its_predecessor_arrives() -> None:
+    seq = Sequencer("p1")
+    events = [stamped(seq, c, "standard") for c in ("A", "B", "C")]
+    cancel_c = stamped(seq, "C", "priority")
+    guard = OrderGuard("q", "q.priority")
+    assert guard.admit(cancel_c, "cancel C", 0.0) == []  # C's place (n=3) has not arrived
+    assert guard.admit(events[0], "A", 0.0) == ["A"]
+    assert guard.admit(events[1], "B", 0.0) == ["B"]
+    assert guard.admit(events[2], "C", 0.0) == ["C", "cancel C"]  # right after its place
+    assert len(guard) == 0
+
+
+def test_guard_releases_when_the_predecessor_was_processed_before_it_started() -> None:
+    seq = Sequencer("p1")
+    place = stamped(seq, "A", "standard")  # processed by an earlier run: never arrives here
+    cancel = stamped(seq, "A", "priority")
+    later = stamped(seq, "B", "standard")
+    guard = OrderGuard("q", "q.priority")
+    assert guard.admit(cancel, "cancel A", 0.0) == []
+    assert guard.admit(later, "B", 0.0) == ["B", "cancel A"]  # a later event of that lane arrived
+    assert place.headers[SEQUENCE] == "p1:1"
+
+    guard = OrderGuard("q", "q.priority")
+    seq = Sequencer("p2")
+    stamped(seq, "A", "standard")
+    cancel = stamped(seq, "A", "priority")
+    assert guard.admit(cancel, "cancel A", 1.0) == []
+    assert guard.waiting_on() == {"q"}
+    assert guard.drained("q", before=0.5) == []  # held after the look began: not yet
+    assert guard.drained("q", before=2.0) == ["cancel A"]  # the standard queue had nothing left
+
+
+def test_guard_keeps_chains_in_order() -> None:
+    """S1 → P1 → S2 of one context, arriving P1, S2, S1: released as S1, P1, S2."""
+    seq = Sequencer("p1")
+    s1, p1, s2 = stamped(seq, "A", "standard"), stamped(seq, "A", "priority"), stamped(seq, "A", "standard")
+    guard = OrderGuard("q", "q.priority")
+    assert guard.admit(p1, "P1", 0.0) == []
+    assert guard.admit(s1, "S1", 0.0) == ["S1", "P1"]
+    assert guard.admit(s2, "S2", 0.0) == ["S2"]
+    guard = OrderGuard("q", "q.priority")
+    seq = Sequencer("p2")
+    s1, p1 = stamped(seq, "A", "standard"), stamped(seq, "A", "priority")
+    p2, s2 = stamped(seq, "A", "priority"), stamped(seq, "A", "standard")
+    assert guard.admit(p1, "P1", 0.0) == []
+    assert guard.admit(p2, "P2", 0.0) == []  # its own lane's P1 is held: so is it, behind P1
+    assert guard.admit(s1, "S1", 0.0) == ["S1", "P1", "P2"]
+    assert guard.admit(s2, "S2", 0.0) == ["S2"]
+
+
+async def test_an_idle_ambulance_sleeps() -> None:
+    """No busy-waiting: with both lanes empty a worker's feed waits without polling."""
+    from runner.brokers.memory import MemoryBroker
+    from runner.patterns.priority import PriorityFeed
+
+    broker = MemoryBroker()
+    await broker.declare("q")
+    await broker.declare("q.priority")
+    feed = PriorityFeed(
+        await broker.consume("q.priority", prefetch=5), await broker.consume("q", prefetch=5), owns_lane=True
+    )
+    polls = 0
+    original = feed.poll
+
+    def counting() -> Any:
+        nonlocal polls
+        polls += 1
+        return original()
+
+    feed.poll = counting  # type: ignore[method-assign]
+    waiter = asyncio.ensure_future(feed.__anext__())
+    await asyncio.sleep(0.05)
+    assert polls == 1 and not waiter.done()
+    from runner.brokers import Message
+
+    await broker.publish("q", Message(b"{}", "s1"))
+    assert (await asyncio.wait_for(waiter, 1)).message_id == "s1"  # woken by the standard lane
+    assert polls == 2
+    await broker.publish("q", Message(b"{}", "s2"))
+    await broker.publish("q.priority", Message(b"{}", "p2"))
+    assert (await feed.__anext__()).message_id == "p2"  # the lane first
+    await feed.close()
+    await broker.close()

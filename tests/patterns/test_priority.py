@@ -46,15 +46,16 @@ def relay(event, ctx):
 """
 
 
-def lane_pipeline(factory: Any, mod: str, lane: str, *, source: str = "backlog_then_priority", extra: str = "",
-                  producer_extra: str = "") -> Path:  # fmt: skip
+def lane_pipeline(
+    factory: Any, mod: str, lane: str, *, source: str = "backlog_then_priority", extra: str = ""
+) -> Path:
     return factory.pipeline(
         f"""
         version: 1
         name: lanes
         plugins: [plugins]
         producers:
-          feed: {{source: "{mod}:{source}", to: work{producer_extra}}}
+          feed: {{source: "{mod}:{source}", to: work}}
         consumers:
           worker:
             from: work

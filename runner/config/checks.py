@@ -101,16 +101,17 @@ def _lanes(
         queue, lane = consumer.get("from"), consumer.get("priority_lane")
         if not isinstance(queue, str):
             continue
-        lane = None if lane is False else lane
+        if lane is None or lane is False:
+            continue  # it reads the standard queue only, beside those that read the lane too
         if queue in lanes and _lane_when(lanes[queue][1]) != _lane_when(lane):
             first = lanes[queue][0]
             yield (
                 ("consumers", name, "priority_lane"),
-                f"consumers {first!r} and {name!r} read {queue!r} with different priority lanes; "
-                "a queue has one lane and one rule for what goes in it",
+                f"consumers {first!r} and {name!r} put different events in the priority lane of "
+                f"{queue!r}; a queue has one rule for what goes in its lane",
             )
         lanes.setdefault(queue, (name, lane))
-    laned = {queue for queue, (_, lane) in lanes.items() if lane is not None}
+    laned = set(lanes)
     named = {*_mapping(raw.get("queues")), *(c.get("from") for c in consumers.values())}
     named |= {c.get("emit") for c in consumers.values()} | {p.get("to") for p in producers.values()}
     for queue in sorted(q for q in named if isinstance(q, str)):

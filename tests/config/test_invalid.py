@@ -334,11 +334,34 @@ CASES = [
     ),
     Case(
         "producer-priority-cel",
-        replace("    to: orders\n", "    to: orders\n    priority: when(size() >)\n"),
+        replace("    to: orders\n", "    to: orders\n    priority: when(size() >)\n")
+        + "    priority_lane: true\n",
         8,
         15,
         ("producers.feed.priority", "invalid CEL expression"),
         cli=False,
+    ),
+    Case(
+        "producer-priority-without-lane",
+        replace("    to: orders\n", "    to: orders\n    priority: when(id > 1)\n"),
+        8,
+        15,
+        ("producers.feed.priority", "none of this producer's queues has a priority lane"),
+    ),
+    Case(
+        "lane-rules-disagree",
+        consumer_with("priority_lane: when(id > 1)")
+        + "  other:\n    from: orders\n    handler: shop:handle\n    priority_lane: true\n",
+        16,
+        20,
+        ("consumers.other.priority_lane", "put different events in the priority lane of 'orders'"),
+    ),
+    Case(
+        "lane-name-taken",
+        consumer_with("priority_lane: true", "emit: orders.priority"),
+        12,
+        20,
+        ("consumers.worker.priority_lane", "'orders.priority' is the priority lane of 'orders'"),
     ),
     Case(
         "watch-key-not-in-config",

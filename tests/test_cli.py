@@ -153,7 +153,9 @@ def test_bad_arguments_exit_2(factory, jsonl) -> None:  # type: ignore[no-untype
 
 def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
     jsonl("events.jsonl", [{"n": 1}])
-    mod = factory.module("h", "def handle(event, ctx):\n    return None\n")
+    mod = factory.module(
+        "h", "def handle(event, ctx):\n    return None\n\n\ndef repair(event, error, ctx):\n    return None\n"
+    )
     path = factory.pipeline(
         f"""
         version: 1
@@ -162,13 +164,13 @@ def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type:
         producers:
           feed: {{source: file(events.jsonl), to: work}}
         consumers:
-          worker: {{from: work, handler: "{mod}:handle", priority_lane: true, concurrency: 2}}
+          worker: {{from: work, handler: "{mod}:handle", on_error: "workflow({mod}:repair) attempts 2"}}
         """
     )
     assert edarun("validate", str(path)).returncode == 0
     result = edarun("up", str(path), "--until-idle")
     assert result.returncode == 2
-    assert "consumers.worker.priority_lane" in result.stderr and "Traceback" not in result.stderr
+    assert "consumers.worker.on_error" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_graph_schema_and_redaction(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
@@ -218,3 +220,64 @@ async def test_send_publishes_one_event_on_rabbitmq(factory, jsonl) -> None:  # 
         assert unknown.returncode == 2 and "not named" in unknown.stderr
     finally:
         await delete_queues([queue])
+
+
+def laned(factory, jsonl):  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": 1, "kind": "CANCEL"}])
+    mod = factory.module("lanes", "def handle(event, ctx):\n    return None\n")
+    return factory.pipeline(
+        f"""
+        version: 1
+        name: laned
+        plugins: [plugins]
+        producers:
+          feed: {{source: file(events.jsonl), to: orders, priority: "when(n > 5)"}}
+        consumers:
+          worker:
+            from: orders
+            handler: "{mod}:handle"
+            priority_lane: {{when: 'kind == "CANCEL"', mode: carpool, carpool: 2}}
+        """
+    )
+
+
+def test_graph_draws_the_priority_lane(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = laned(factory, jsonl)
+    mermaid = edarun("graph", str(path))
+    assert mermaid.returncode == 0, mermaid.stderr
+    assert '"orders.priority"' in mermaid.stdout and "class q_orders_priority lane" in mermaid.stdout
+    assert 'p_feed -- "kind == #quot;CANCEL#quot; or n > 5" --> q_orders_priority' in mermaid.stdout
+    assert 'q_orders_priority -- "first (carpool x2)" --> c_worker' in mermaid.stdout
+    dot = edarun("graph", str(path), "--format", "dot")
+    assert 'p_feed -> q_orders_priority [label="kind == \\"CANCEL\\" or n > 5"];' in dot.stdout
+
+
+async def test_send_puts_a_priority_event_in_the_lane(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import aio_pika
+    from conftest import AMQP_URL, amqp_available, delete_queues
+
+    amqp_available()
+    path = laned(factory, jsonl)
+    queues = ["orders", "orders.priority"]
+    await delete_queues(queues)
+    try:
+
+        def send(event: str, *flags: str) -> subprocess.CompletedProcess[str]:
+            return edarun("send", str(path), "orders", event, "--broker", AMQP_URL, *flags)
+
+        by_rule = await asyncio.to_thread(send, '{"kind": "CANCEL"}')
+        assert by_rule.returncode == 0 and "to orders.priority" in by_rule.stdout, by_rule.stderr
+        marked = await asyncio.to_thread(send, '{"kind": "PLACE"}', "--priority")
+        assert marked.returncode == 0 and "to orders.priority" in marked.stdout, marked.stderr
+        standard = await asyncio.to_thread(send, '{"kind": "PLACE"}')
+        assert standard.returncode == 0 and standard.stdout.endswith("to orders\n"), standard.stdout
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            lane = await channel.declare_queue("orders.priority", passive=True)
+            main = await channel.declare_queue("orders", passive=True)
+            assert (lane.declaration_result.message_count, main.declaration_result.message_count) == (2, 1)
+    finally:
+        await delete_queues(queues)

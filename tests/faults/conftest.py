@@ -107,7 +107,7 @@ class Scenario:
 
     @property
     def queues(self) -> list[str]:
-        return [self.queue, f"{self.consumer}.dashboard"]
+        return [self.queue, f"{self.queue}.priority", f"{self.consumer}.dashboard"]
 
     # -- the pipeline --------------------------------------------------------------------------
 

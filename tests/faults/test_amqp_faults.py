@@ -70,6 +70,25 @@ def test_kill_9_of_the_consumer_twice_loses_nothing(scenario: Scenario, tmp_path
     assert data["producers"][scenario.producer] == {"published": EVENTS, "rejected": 0}
 
 
+def test_kill_9_with_a_priority_lane_loses_nothing(scenario: Scenario, tmp_path: Path) -> None:
+    """Ambulance workers share one lane subscription: a killed process gives back both lanes."""
+    consumer = {"prefetch": PREFETCH, "concurrency": CONCURRENCY, "priority_lane": "when(id % 10 == 0)"}
+    scenario.write(events=EVENTS, rate=RATE, consumer=consumer)
+    report = tmp_path / "report.json"
+    up = scenario.up(report)
+    killed: set[int] = set()
+    scenario.wait_calls(EVENTS // 3, up)
+    kill_consumer(scenario, killed=killed)
+    code = scenario.finish(up, report)
+    assert code == 0, scenario.stderr(report)
+    calls = scenario.calls()
+    assert calls.ids == set(range(EVENTS)), f"{EVENTS - len(calls.ids)} events never processed"
+    assert calls.duplicates <= 2 * PREFETCH * CONCURRENCY, calls.duplicates
+    lanes = read_report(report)["consumers"][scenario.consumer]["lanes"]
+    # Duplicates aside (a killed process's window is delivered again), a tenth came by the lane.
+    assert EVENTS // 10 <= lanes["priority"] <= EVENTS // 10 + calls.duplicates, lanes
+
+
 def test_report_counts_the_calls_of_a_killed_process(scenario: Scenario, tmp_path: Path) -> None:
     events = 6000
     scenario.write(events=events, rate=RATE, consumer={"prefetch": PREFETCH, "concurrency": CONCURRENCY})

@@ -179,6 +179,19 @@ async def test_ordering_with_carpool_keeps_contexts_apart(factory: Any, run_pipe
     assert priority_workers and not priority_workers & standard_workers
 
 
+async def test_autoscale_counts_the_lane(factory: Any, run_pipeline: Any) -> None:
+    """Every event in the lane: only the lane's depth can scale the consumer up."""
+    mod = factory.module("scaled_lane", HANDLERS)
+    path = lane_pipeline(
+        factory, mod, "when(id >= 0)", extra="autoscale: depth/20 max 4 every 50ms keep_alive 10s"
+    )
+    code, runner = await run_pipeline(path)
+    assert code == 0
+    stats = runner.stats.consumers["worker"]
+    assert stats.priority == 1010
+    assert stats.max_consumers == 4
+
+
 # -- the sequence and the guard, without a broker ---------------------------------------------------
 
 

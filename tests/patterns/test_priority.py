@@ -192,6 +192,25 @@ async def test_autoscale_counts_the_lane(factory: Any, run_pipeline: Any) -> Non
     assert stats.max_consumers == 4
 
 
+async def test_spans_say_the_lane(factory: Any, run_pipeline: Any, tmp_path: Path) -> None:
+    from runner.traces_view import load_traces
+
+    mod = factory.module("traced_lane", HANDLERS)
+    traces = tmp_path / "traces.jsonl"
+    code, _ = await run_pipeline(lane_pipeline(factory, mod, "when(kind == 'P')"), traces=f"file({traces})")
+    assert code == 0
+    lanes: dict[tuple[str, str], set[object]] = {}
+    for spans in load_traces(traces).values():
+        for span in spans:
+            lanes.setdefault((span["name"], span["attributes"].get("edarun.lane")), set()).add(span["kind"])
+    assert set(lanes) == {
+        ("send work", "standard"),
+        ("process work", "standard"),
+        ("send work.priority", "priority"),
+        ("process work.priority", "priority"),
+    }
+
+
 # -- the sequence and the guard, without a broker ---------------------------------------------------
 
 

@@ -297,6 +297,7 @@ class OrderedWorkers:
         self._stopping = False
         self._crashes = 0
         self._restarting = False
+        self._running = False  # the feed and the dispatcher (and with a lane, its sweep) run
 
     def _dispatcher(self) -> Dispatcher:
         return Dispatcher(self.field, queue=self.queue, lane=self.lane_queue)
@@ -315,7 +316,8 @@ class OrderedWorkers:
         return task
 
     def start(self, count: int) -> None:
-        if self.subscription is None and not self.tasks:
+        if not self._running:
+            self._running = True
             self._spawn(self._feed(), f"{self.name} feed")
             self._spawn(self.dispatcher.run(), f"{self.name} dispatch")
             if self.lane is not None:
@@ -441,6 +443,7 @@ class OrderedWorkers:
             await self.subscription.close()  # everything unacknowledged goes back, marked
             self.subscription = None
         self.stats.in_flight = 0
+        self._running = False
         self.dispatcher = self._dispatcher()
         self.workers.clear()
         self.idle_since.clear()

@@ -165,7 +165,10 @@ class Runner:
         return broker
 
     def _most_workers(self, spec: Any) -> int:
-        return int(spec.autoscale.max) if spec.autoscale else self._workers(spec)
+        """The most handler calls a consumer can have running at once (carpool workers included)."""
+        most = int(spec.autoscale.max) if spec.autoscale else self._workers(spec)
+        lane = spec.priority_lane
+        return most + (lane.carpool if lane is not None and lane.mode == "carpool" else 0)
 
     def _workers(self, spec: Any) -> int:
         instances = 1 if self.options.single_service else spec.instances

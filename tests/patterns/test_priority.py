@@ -6,6 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runner.patterns.priority import AFTER, SEQUENCE, OrderGuard, Sequencer, lane_queue
 
 HANDLERS = """
@@ -39,6 +41,31 @@ def trades():
         yield {"id": i, "kind": "PLACE", "account": f"A-{i}", "work": 0.005}
     for n, i in enumerate([0, 1, 2, 3, 4, 595, 596, 597, 598, 599]):
         yield {"id": 1000 + n, "kind": "CANCEL", "account": f"A-{i}"}
+
+
+DIED = []
+
+
+def handle_sync(event, ctx):
+    # A blocking handler: a carpool worker needs a thread of its own, not a standard worker's.
+    start = time.monotonic()
+    time.sleep(0.2 if event["kind"] == "S" else 0)
+    with _lock:
+        LOG.append((event["id"], event["kind"], None, ctx.lane, ctx.worker, ctx.queue, start,
+                    time.monotonic()))
+
+
+def few():
+    for i in range(3):
+        yield {"id": i, "kind": "S"}
+    yield {"id": 3, "kind": "P"}
+
+
+async def dies_once(event, ctx):
+    if event["id"] == 300 and not DIED:
+        DIED.append(ctx.worker)
+        raise SystemExit("a worker dies")
+    await handle(event, ctx)
 
 
 def relay(event, ctx):
@@ -136,6 +163,29 @@ async def test_carpool_workers_take_only_the_lane(factory: Any, run_pipeline: An
     assert runner.stats.consumers["worker"].max_consumers == 3
 
 
+async def test_a_sync_carpool_worker_has_a_thread_of_its_own(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("carpool_sync", HANDLERS)
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: carpool-sync
+        plugins: [plugins]
+        producers:
+          feed: {{source: "{mod}:few", to: work}}
+        consumers:
+          worker:
+            from: work
+            handler: "{mod}:handle_sync"
+            priority_lane: {{when: "kind == 'P'", mode: carpool}}
+        """
+    )
+    code, _ = await run_pipeline(path)
+    assert code == 0
+    log = {e[0]: e for e in factory.imported(mod).LOG}
+    # P, published right after S0, ran while S0 was still running: on a thread of its own.
+    assert log[3][6] < log[0][7], "the carpool worker waited for the standard worker's thread"
+
+
 async def test_ordering_a_cancel_never_overtakes_its_place(factory: Any, run_pipeline: Any) -> None:
     mod = factory.module("ordered_lane", HANDLERS)
     path = lane_pipeline(
@@ -177,6 +227,33 @@ async def test_ordering_with_carpool_keeps_contexts_apart(factory: Any, run_pipe
     priority_workers = {e[4] for e in log if e[3] == "priority"}
     standard_workers = {e[4] for e in log if e[3] == "standard"}
     assert priority_workers and not priority_workers & standard_workers
+
+
+@pytest.mark.parametrize("lane", ["false", "when(kind == 'CANCEL')"])
+async def test_a_dead_ordered_worker_restarts_the_pool(factory: Any, run_pipeline: Any, lane: str) -> None:
+    """SystemExit in a handler takes the ordered pool down; it comes back and nothing is lost."""
+    mod = factory.module("dying", HANDLERS)
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: dying
+        plugins: [plugins]
+        producers:
+          feed: {{source: "{mod}:trades", to: work}}
+        consumers:
+          worker:
+            from: work
+            handler: "{mod}:dies_once"
+            ordering: by_context(account)
+            concurrency: 4
+            priority_lane: {lane}
+        """
+    )
+    code, runner = await run_pipeline(path)
+    assert code == 0
+    assert factory.imported(mod).DIED
+    assert {e[0] for e in factory.imported(mod).LOG} == {*range(600), *range(1000, 1010)}
+    assert runner.stats.consumers["worker"].restarts == 1
 
 
 async def test_autoscale_counts_the_lane(factory: Any, run_pipeline: Any) -> None:

@@ -143,6 +143,9 @@ class MemorySubscription:
     def unlisten(self, callback: Callable[[], None]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
+        if not self._waiting and self in self.queue.waiting:
+            # No one waits here any more: a wake-up spent on it would be lost to a waiting peer.
+            self.queue.waiting.remove(self)
 
     @property
     def _waiting(self) -> bool:

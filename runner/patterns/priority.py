@@ -35,7 +35,8 @@ LANE_SUFFIX = ".priority"
 PRIORITY, STANDARD = "priority", "standard"
 SEQUENCE = "x-edarun-seq"  # "<publisher>:<n>": the n-th ordered event of this publisher in its lane
 AFTER = "x-edarun-after"  # n of the previous event of its context in the other lane, by the same publisher
-MAX_CONTEXTS = 100_000  # contexts a publisher remembers per queue; older ones fall back to a floor
+MAX_CONTEXTS = 100_000
+YIELD_EVERY = 64  # contexts a publisher remembers per queue; older ones fall back to a floor
 
 
 def lane_queue(queue: str) -> str:
@@ -130,6 +131,7 @@ class PriorityFeed:
         self.owns_lane = owns_lane
         self._signal: asyncio.Future[None] | None = None
         self._cancelled = False
+        self._since_yield = 0
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
@@ -151,6 +153,11 @@ class PriorityFeed:
         while True:
             delivery = self.poll()
             if delivery is not None:
+                self._since_yield += 1
+                if self._since_yield >= YIELD_EVERY:
+                    # Deliveries ready back to back never suspend: let the other tasks run.
+                    self._since_yield = 0
+                    await asyncio.sleep(0)
                 return delivery
             if self.ended:
                 raise StopAsyncIteration

@@ -265,13 +265,39 @@ class _Simple:
             if not self._take(")"):
                 raise _NotSimple
             return node
+        left_at = self.at
         left = self._operand()
+        left_end = self.at
         op = self._take(*_COMPARE)
         if op is None:
             return left
+        right_at = self.at
         right = self._operand()
+        fast = None
+        left_name, right_literal = self._name(left_at, left_end), self._literal(right_at)
+        if left_name is not None and right_literal is not _NONE:
+            fast = _field_against(left_name, op, right_literal)
+        right_name, left_literal = self._name(right_at, self.at), self._literal(left_at)
+        if right_name is not None and left_literal is not _NONE:
+            fast = _field_against(right_name, _MIRROR[op], left_literal)
+        if fast is not None:
+            return fast
         compare = _COMPARE[op]
         return lambda event: compare(left(event), right(event))
+
+    def _literal(self, index: int) -> Any:
+        """The value of the operand at `index` when it is a literal, else _NONE."""
+        kind, text = self.tokens[index]
+        if kind == "num":
+            return float(text) if any(c in text for c in ".eE") else int(text)
+        if kind == "str":
+            return text[1:-1]
+        return _KEYWORDS[text] if kind == "name" and text in _KEYWORDS else _NONE
+
+    def _name(self, start: int, end: int) -> str | None:
+        """The field of the operand in tokens start…end when it is one top-level name."""
+        kind, text = self.tokens[start]
+        return text if end == start + 1 and kind == "name" and text not in _KEYWORDS else None
 
     def _operand(self) -> Node:
         token = self._peek()
@@ -315,6 +341,48 @@ class _Simple:
             return value
 
         return field
+
+
+_NONE = object()  # not a literal
+_MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+_NUMBER = (int, float)
+
+
+def _field_against(name: str | None, op: str, literal: Any) -> Node | None:
+    """`field op literal` for a top-level field, specialised on the literal's type: the common
+    `kind == "CANCEL"` and `shares > 1000` cost a dict lookup and a comparison."""
+    if name is None:
+        return None
+    missing = _ERROR
+    if isinstance(literal, str) and op in ("==", "!="):
+        equal = op == "=="
+
+        def with_string(event: dict[str, Any]) -> Any:
+            value = event.get(name, missing)
+            if value.__class__ is str:
+                return (value == literal) is equal
+            if value is missing:
+                return _ERROR
+            return _CEL if isinstance(value, list | dict) else not equal
+
+        return with_string
+    if literal.__class__ in _NUMBER and op in ("<", "<=", ">", ">="):
+        compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}[op]
+        bound = float(literal)
+        if isinstance(literal, int) and float(literal) != literal:
+            return None  # not exact as a float
+
+        def with_number(event: dict[str, Any]) -> Any:
+            value = event.get(name, missing)
+            kind = value.__class__
+            if kind is float or (kind is int and -_INT64 < value < _INT64 and float(value) == value):
+                return compare(float(value), bound)
+            if value is missing or kind is str or kind is bool or value is None:
+                return _ERROR
+            return _CEL
+
+        return with_number
+    return None
 
 
 class _NotSimple(Exception):

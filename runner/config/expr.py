@@ -86,9 +86,11 @@ def predicate(source: str) -> Predicate:
         except Exception:  # an evaluation error (missing field, no such overload): not priority
             return False
 
-    fast = _Simple.compile(source)
+    fast = _Simple.compile(source, whole=with_cel)
     if fast is None:
         return with_cel
+    if getattr(fast, "whole", False):
+        return fast  # `field op literal` alone: it answers True or False itself
 
     def holds(event: dict[str, Any]) -> bool:
         result = fast(event)
@@ -175,12 +177,15 @@ class _Simple:
     """A recursive-descent compiler for: comparisons of (dotted) fields and literals, `&&`, `||`,
     `!` and parentheses. `compile` returns None for anything else."""
 
-    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+    def __init__(self, tokens: list[tuple[str, str]], whole: Predicate | None) -> None:
         self.tokens = tokens
         self.at = 0
+        self.whole = whole
 
     @classmethod
-    def compile(cls, source: str) -> Node | None:
+    def compile(cls, source: str, whole: Predicate | None = None) -> Node | None:
+        """The expression's node; with `whole` (CEL on the whole expression), an expression that is
+        one `field op literal` comparison becomes a predicate itself (marked `.whole`)."""
         tokens: list[tuple[str, str]] = []
         position = 0
         while position < len(source):
@@ -193,7 +198,7 @@ class _Simple:
             assert kind is not None
             tokens.append((kind, match.group(kind)))
             position = match.end()
-        parser = cls(tokens)
+        parser = cls(tokens, whole)
         try:
             node = parser._or()
         except _NotSimple:
@@ -274,12 +279,13 @@ class _Simple:
         right_at = self.at
         right = self._operand()
         fast = None
+        whole = self.whole if left_at == 0 and self.at == len(self.tokens) else None
         left_name, right_literal = self._name(left_at, left_end), self._literal(right_at)
         if left_name is not None and right_literal is not _NONE:
-            fast = _field_against(left_name, op, right_literal)
+            fast = _field_against(left_name, op, right_literal, whole)
         right_name, left_literal = self._name(right_at, self.at), self._literal(left_at)
         if right_name is not None and left_literal is not _NONE:
-            fast = _field_against(right_name, _MIRROR[op], left_literal)
+            fast = _field_against(right_name, _MIRROR[op], left_literal, whole)
         if fast is not None:
             return fast
         compare = _COMPARE[op]
@@ -348,12 +354,16 @@ _MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _NUMBER = (int, float)
 
 
-def _field_against(name: str | None, op: str, literal: Any) -> Node | None:
+def _field_against(name: str | None, op: str, literal: Any, whole: Predicate | None) -> Node | None:
     """`field op literal` for a top-level field, specialised on the literal's type: the common
-    `kind == "CANCEL"` and `shares > 1000` cost a dict lookup and a comparison."""
+    `kind == "CANCEL"` and `shares > 1000` cost a dict lookup and a comparison. With `whole` (CEL on
+    the whole expression, when this comparison is all of it) the result is a predicate: True or
+    False, an error being False, and CEL asked where this subset is not exact."""
     if name is None:
         return None
     missing = _ERROR
+    error: Any = False if whole is not None else _ERROR
+    node: Any = None
     if isinstance(literal, str) and op in ("==", "!="):
         equal = op == "=="
 
@@ -362,11 +372,13 @@ def _field_against(name: str | None, op: str, literal: Any) -> Node | None:
             if value.__class__ is str:
                 return (value == literal) is equal
             if value is missing:
-                return _ERROR
-            return _CEL if isinstance(value, list | dict) else not equal
+                return error
+            if isinstance(value, list | dict):
+                return _CEL if whole is None else whole(event)
+            return not equal
 
-        return with_string
-    if literal.__class__ in _NUMBER and op in ("<", "<=", ">", ">="):
+        node = with_string
+    elif literal.__class__ in _NUMBER and op in ("<", "<=", ">", ">="):
         compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}[op]
         bound = float(literal)
         if isinstance(literal, int) and float(literal) != literal:
@@ -378,11 +390,13 @@ def _field_against(name: str | None, op: str, literal: Any) -> Node | None:
             if kind is float or (kind is int and -_INT64 < value < _INT64 and float(value) == value):
                 return compare(float(value), bound)
             if value is missing or kind is str or kind is bool or value is None:
-                return _ERROR
-            return _CEL
+                return error
+            return _CEL if whole is None else whole(event)
 
-        return with_number
-    return None
+        node = with_number
+    if node is not None and whole is not None:
+        node.whole = True
+    return node
 
 
 class _NotSimple(Exception):

@@ -23,11 +23,11 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..brokers import Delivery, Subscription
-from ..config.expr import evaluate
+from ..config.expr import Predicate, predicate
 from ..config.models import Pipeline
 from ..types import Event
 
@@ -51,9 +51,14 @@ class LaneRule:
     lane: str
     when: str | None  # CEL: the event is priority when it holds
     order_by: str | None  # the consumer's ordering field: events are sequenced (see module doc)
+    holds: Predicate | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "holds", predicate(self.when) if self.when is not None else None)
 
     def is_priority(self, event: Event, marked: bool) -> bool:
-        return marked or (self.when is not None and evaluate(self.when, event))
+        holds = self.holds
+        return marked or (holds is not None and holds(event))
 
 
 def lane_rules(model: Pipeline) -> dict[str, LaneRule]:
@@ -132,6 +137,7 @@ class PriorityFeed:
         self._signal: asyncio.Future[None] | None = None
         self._cancelled = False
         self._since_yield = 0
+        self._lane_maybe = True  # False once the lane was found empty, until it says otherwise
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
@@ -147,11 +153,31 @@ class PriorityFeed:
     def poll(self) -> Delivery | None:
         if self._cancelled:
             return None
-        return self.lane.poll() or self.standard.poll()
+        return self._lane_poll() or self.standard.poll()
+
+    def _lane_poll(self) -> Delivery | None:
+        """The lane's next delivery. An idle lane is asked once: then it tells us when one arrives,
+        and until then each standard delivery costs no look at the lane."""
+        if not self._lane_maybe:
+            return None
+        delivery = self.lane.poll()
+        if delivery is None:
+            self._lane_maybe = False
+            self.lane.listen(self._lane_arrived)
+        return delivery
+
+    def _lane_arrived(self) -> None:
+        self._lane_maybe = True
+        self._wake()
 
     async def __anext__(self) -> Delivery:
         while True:
-            delivery = self.poll()
+            if self._cancelled:
+                delivery = None
+            elif self._lane_maybe:
+                delivery = self._lane_poll() or self.standard.poll()
+            else:  # the hot path of an idle lane: one attribute read more than no lane at all
+                delivery = self.standard.poll()
             if delivery is not None:
                 self._since_yield += 1
                 if self._since_yield >= YIELD_EVERY:
@@ -161,14 +187,14 @@ class PriorityFeed:
                 return delivery
             if self.ended:
                 raise StopAsyncIteration
+            # The lane, found empty, already said it will call _lane_arrived: only the standard
+            # subscription still needs asking.
             signal = self._signal = asyncio.get_running_loop().create_future()
-            self.lane.listen(self._wake)
             self.standard.listen(self._wake)
             try:
                 await signal
             finally:
                 self._signal = None
-                self.lane.unlisten(self._wake)
                 self.standard.unlisten(self._wake)
 
     def _wake(self) -> None:
@@ -185,6 +211,7 @@ class PriorityFeed:
 
     async def cancel(self) -> None:
         self._cancelled = True
+        self.lane.unlisten(self._lane_arrived)
         self._wake()
         await self.standard.cancel()
         if self.owns_lane:
@@ -192,6 +219,7 @@ class PriorityFeed:
 
     async def close(self) -> None:
         self._cancelled = True
+        self.lane.unlisten(self._lane_arrived)
         self._wake()
         await self.standard.close()
         if self.owns_lane:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..brokers import Broker, BrokerError
-from ..config.expr import evaluate
+from ..config.expr import predicate
 from ..config.models import Producer
 from ..patterns.priority import LaneRule
 from ..patterns.routing import NoRoute, Router
@@ -44,6 +44,8 @@ class ProducerService:
         self.stopping = asyncio.Event()
         self.window = getattr(broker, "publish_window", 1)
         self.router = Router(spec.route) if spec.route is not None else None
+        # Pattern 3: the producer marks events for the priority lane of their queue.
+        self.marks = predicate(spec.priority) if spec.priority is not None else None
         self.skip = skip
         self.mirror: Callable[[], None] | None = None  # see runtime.counters
 
@@ -129,9 +131,9 @@ class ConfirmWindow:
 
     async def _one(self, index: int, queue: str, event: dict[str, Any]) -> None:
         producer = self.producer
-        when = producer.spec.priority  # pattern 3: the producer marks events for the lane
+        marks = producer.marks
         try:
-            marked = when is not None and evaluate(when, event)
+            marked = marks is not None and marks(event)
             await producer.publisher.publish(queue, event, root=True, priority=marked)
         except (PublishError, BrokerError) as exc:
             self.stats.rejected += 1

@@ -17,6 +17,9 @@ from ..types import lookup
 
 ATTEMPT = "x-edarun-attempt"
 log = logging.getLogger("edarun.publish")
+# The span attributes of each lane (read-only: shared by every publish).
+_ON_PRIORITY: dict[str, object] = {"edarun.lane": PRIORITY}
+_ON_STANDARD: dict[str, object] = {"edarun.lane": STANDARD}
 
 
 class PublishError(RuntimeError):
@@ -69,7 +72,12 @@ class Publisher:
         headers = {} if headers is None else headers
         attributes = None
         if self.lanes and (rule := self.lanes.get(queue)) is not None:
-            queue, attributes = self._lane(rule, event, priority, headers)
+            if rule.order_by is not None:
+                queue, attributes = self._lane(rule, event, priority, headers)
+            elif priority or ((holds := rule.holds) is not None and holds(event)):
+                queue, attributes = rule.lane, _ON_PRIORITY
+            else:
+                attributes = _ON_STANDARD
         elif priority and queue not in self._unlaned:
             self._unlaned.add(queue)  # delivered on the standard queue, said once
             log.warning(
@@ -87,16 +95,17 @@ class Publisher:
     def _lane(
         self, rule: LaneRule, event: dict[str, Any], marked: bool, headers: dict[str, Any]
     ) -> tuple[str, dict[str, object]]:
-        """The queue of the event's lane; with ordering, its sequence headers (patterns.priority)."""
-        lane = PRIORITY if rule.is_priority(event, marked) else STANDARD
+        """The queue of the event's lane on an ordered queue, and its sequence headers
+        (patterns.priority)."""
+        priority = rule.is_priority(event, marked)
         if rule.order_by is not None:
             context = lookup(event, rule.order_by)
             if context is not None:
                 sequencer = self._sequencers.get(rule.queue)
                 if sequencer is None:
                     sequencer = self._sequencers[rule.queue] = Sequencer(self._prefix.rstrip("-"))
-                sequencer.stamp(context, lane, headers)
-        return (rule.lane if lane == PRIORITY else rule.queue), {"edarun.lane": lane}
+                sequencer.stamp(context, PRIORITY if priority else STANDARD, headers)
+        return (rule.lane, _ON_PRIORITY) if priority else (rule.queue, _ON_STANDARD)
 
     async def send(
         self,

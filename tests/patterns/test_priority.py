@@ -462,25 +462,30 @@ async def test_an_idle_ambulance_sleeps() -> None:
     feed = PriorityFeed(
         await broker.consume("q.priority", prefetch=5), await broker.consume("q", prefetch=5), owns_lane=True
     )
-    polls = 0
-    original = feed.poll
+    polls = {"lane": 0, "standard": 0}
 
-    def counting() -> Any:
-        nonlocal polls
-        polls += 1
-        return original()
+    def counted(name: str, subscription: Any) -> None:
+        original = subscription.poll
 
-    feed.poll = counting  # type: ignore[method-assign]
+        def counting() -> Any:
+            polls[name] += 1
+            return original()
+
+        subscription.poll = counting
+
+    counted("lane", feed.lane)
+    counted("standard", feed.standard)
     waiter = asyncio.ensure_future(feed.__anext__())
     await asyncio.sleep(0.05)
-    assert polls == 1 and not waiter.done()
+    assert polls == {"lane": 1, "standard": 1} and not waiter.done()  # asked once each, then asleep
     from runner.brokers import Message
 
     await broker.publish("q", Message(b"{}", "s1"))
-    assert (await asyncio.wait_for(waiter, 1)).message_id == "s1"  # woken by the standard lane
-    assert polls == 2
+    assert (await asyncio.wait_for(waiter, 1)).message_id == "s1"  # woken by the standard queue
+    assert polls == {"lane": 1, "standard": 2}  # the idle lane is not asked again
     await broker.publish("q", Message(b"{}", "s2"))
     await broker.publish("q.priority", Message(b"{}", "p2"))
-    assert (await feed.__anext__()).message_id == "p2"  # the lane first
+    assert (await feed.__anext__()).message_id == "p2"  # it said it has one: the lane first
+    assert (await feed.__anext__()).message_id == "s2"
     await feed.close()
     await broker.close()

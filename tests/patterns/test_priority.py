@@ -489,3 +489,26 @@ async def test_an_idle_ambulance_sleeps() -> None:
     assert (await feed.__anext__()).message_id == "s2"
     await feed.close()
     await broker.close()
+
+
+def test_a_lane_has_its_queues_type(factory: Any) -> None:
+    from runner.config.loader import load_pipeline
+    from runner.runtime.app import queue_types, queues_of
+
+    mod = factory.module("typed_lane", HANDLERS)
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: typed
+        plugins: [plugins]
+        queues:
+          work: {{queue_type: quorum}}
+        producers:
+          feed: {{source: "{mod}:few", to: work}}
+        consumers:
+          worker: {{from: work, handler: "{mod}:handle", priority_lane: true}}
+        """
+    )
+    loaded = load_pipeline(path)
+    assert queues_of(loaded) == ["work", "work.priority"]
+    assert queue_types(loaded) == {"work": "quorum", "work.priority": "quorum"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -86,6 +88,7 @@ class AmqpSubscription:
         self._cancelled = False
         # Tags of the current underlying channel, in delivery order, and those already settled.
         self._underlay: Any = None
+        self.generation = 0  # reconnects seen (Subscription.generation)
         self._outstanding: deque[int] = deque()
         self._settled: set[int] = set()
         self._nacked: set[int] = set()
@@ -106,6 +109,8 @@ class AmqpSubscription:
         channel = message.channel
         if channel is not self._underlay:
             # A new channel after a reconnect: the old tags died with the old one.
+            if self._underlay is not None:
+                self.generation += 1
             self._underlay = channel
             self._outstanding.clear()
             self._settled.clear()
@@ -263,6 +268,10 @@ class AmqpBroker:
         self._declared: set[str] = set()
         self.subscriptions: set[AmqpSubscription] = set()
         self._closing = False
+        # Publishes in the order they were first sent; those being sent again after a reconnect.
+        self._tickets = itertools.count()
+        self._resending: list[int] = []
+        self._resent = asyncio.Condition()
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -326,25 +335,53 @@ class AmqpBroker:
             if message.persistent
             else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
+        ticket = next(self._tickets)
+        if self._resending:
+            await self._after_resends()  # a reconnect's publishes go out again before any new one
         deadline = time.monotonic() + _PUBLISH_GIVE_UP_S
-        while True:
-            try:
-                await channel.default_exchange.publish(outgoing, routing_key=queue, mandatory=True)
-                return
-            except aio_pika.exceptions.PublishError:
-                raise BrokerError(f"queue {queue!r} does not exist (unroutable message)") from None
-            except aiormq.exceptions.DeliveryError as exc:
-                raise BrokerError(f"the broker refused a message for {queue!r}: {exc}") from None
-            except _RETRYABLE as exc:
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"publish to {queue!r} failed: {redact_text(str(exc))}") from None
-                # The confirm was lost with the connection: send again once the channel is back.
-                log.debug(
-                    "publish to %s interrupted (%s); sent again after reconnect", queue, type(exc).__name__
-                )
-                with contextlib.suppress(*_RETRYABLE):
-                    await asyncio.wait_for(channel.ready(), max(deadline - time.monotonic(), 0.1))
-                await asyncio.sleep(0.05)
+        resending = False
+        try:
+            while True:
+                if resending:
+                    await self._turn(ticket)
+                try:
+                    await channel.default_exchange.publish(outgoing, routing_key=queue, mandatory=True)
+                    return
+                except aio_pika.exceptions.PublishError:
+                    raise BrokerError(f"queue {queue!r} does not exist (unroutable message)") from None
+                except aiormq.exceptions.DeliveryError as exc:
+                    raise BrokerError(f"the broker refused a message for {queue!r}: {exc}") from None
+                except _RETRYABLE as exc:
+                    if time.monotonic() > deadline:
+                        raise BrokerError(f"publish to {queue!r} failed: {redact_text(str(exc))}") from None
+                    # The confirm was lost with the connection: send again once the channel is back.
+                    log.debug(
+                        "publish to %s interrupted (%s); sent again after reconnect",
+                        queue,
+                        type(exc).__name__,
+                    )
+                    if not resending:
+                        resending = True
+                        heapq.heappush(self._resending, ticket)
+                    with contextlib.suppress(*_RETRYABLE):
+                        await asyncio.wait_for(channel.ready(), max(deadline - time.monotonic(), 0.1))
+                    await asyncio.sleep(0.05)  # every publish of the dead channel has failed by now
+        finally:
+            if resending:
+                self._resending.remove(ticket)
+                heapq.heapify(self._resending)
+                async with self._resent:
+                    self._resent.notify_all()
+
+    async def _turn(self, ticket: int) -> None:
+        """Publishes interrupted by a reconnect are sent again one at a time, in their first order:
+        a re-sent event must not overtake one published before it (ordering, pattern 2)."""
+        async with self._resent:
+            await self._resent.wait_for(lambda: self._resending[0] == ticket)
+
+    async def _after_resends(self) -> None:
+        async with self._resent:
+            await self._resent.wait_for(lambda: not self._resending)
 
     async def consume(self, queue: str, *, prefetch: int) -> AmqpSubscription:
         sub = AmqpSubscription(self, queue, prefetch)

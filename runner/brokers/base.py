@@ -68,6 +68,11 @@ class Subscription(Protocol):
     def ended(self) -> bool:
         """Cancelled, and nothing is left to hand out."""
 
+    @property
+    def generation(self) -> int:
+        """Goes up when the deliveries handed out so far became stale (a reconnect): the broker
+        delivers them again, and what a consumer concluded from them no longer holds."""
+
     def poll(self) -> Delivery | None:
         """The next delivery if one is here now, without waiting (the lanes of pattern 3 read two
         subscriptions this way, the priority lane first)."""

@@ -104,6 +104,10 @@ class MemorySubscription:
     def ended(self) -> bool:
         return self._cancelled
 
+    @property
+    def generation(self) -> int:
+        return 0  # nothing here outlives its connection
+
     def poll(self) -> MemoryDelivery | None:
         queue = self.queue
         if self._cancelled or not queue.ready or len(self.unacked) >= self.prefetch:

@@ -182,6 +182,10 @@ class Dispatcher:
     def retire_worker(self, worker: int) -> None:
         self.inbox.put_nowait(("retire", worker, None))
 
+    def reconnected(self) -> None:
+        """The feed's subscription reconnected (see OrderGuard.reconnected)."""
+        self.inbox.put_nowait(("reconnected", None, None))
+
     def drained(self, queue: str, since: float) -> None:
         """`queue` had nothing left to deliver when looked at after `since` (see OrderGuard)."""
         self.inbox.put_nowait(("drained", queue, since))
@@ -202,6 +206,9 @@ class Dispatcher:
                 else:
                     for delivery, make in self.guard.admit(first, (first, second), loop.time()):
                         self._route(delivery, make)
+            elif kind == "reconnected":
+                if self.guard is not None:
+                    self.guard.reconnected()
             elif kind == "drained":
                 assert self.guard is not None
                 for delivery, make in self.guard.drained(first, second):
@@ -360,10 +367,17 @@ class OrderedWorkers:
         if self.lane_queue is None:
             self.subscription = standard
         else:
-            lane = await self.broker.consume(self.lane_queue, prefetch=self.prefetch)
+            # A wider window for the lane: priority events held for their predecessors sit in it,
+            # and a later priority event must still get through (see OrderGuard).
+            lane = await self.broker.consume(self.lane_queue, prefetch=max(4 * self.prefetch, 400))
             self.subscription = PriorityFeed(lane, standard, owns_lane=True)
         arrived, make = self.arrived, self._make
-        async for delivery in self.subscription:
+        subscription = self.subscription
+        generation = subscription.generation
+        async for delivery in subscription:
+            if subscription.generation != generation:
+                generation = subscription.generation
+                self.dispatcher.reconnected()
             self.stats.received += 1
             arrived[delivery.queue] += 1
             self.dispatcher.deliver(delivery, make)

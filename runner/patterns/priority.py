@@ -12,10 +12,10 @@ classic and quorum queues. This module owns the three parts of the pattern:
   only the lane (the pools in `runtime.pool` and `patterns.ordering` decide who is which);
 - *how it keeps order* (`Sequencer`, `OrderGuard`): with `ordering` on, a priority event may overtake
   other contexts' backlog but never an earlier event of its own context. Each publisher numbers its
-  events per lane and stamps on each the number of its context's previous event in the *other* lane;
-  the ordered consumer's dispatcher holds an event until that predecessor has reached it. Each lane is
-  FIFO per publisher, so "a later event of this publisher in that lane has arrived" means the
-  predecessor has too, or was processed before this consumer started.
+  standard events and stamps on each priority event the number of its context's last standard
+  event; the ordered consumer's dispatcher holds a priority event until that predecessor has reached
+  it. The standard queue is FIFO per publisher, so "a later standard event of this publisher has
+  arrived" means the predecessor has too, or was processed before this consumer started.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from ..types import Event
 
 LANE_SUFFIX = ".priority"
 PRIORITY, STANDARD = "priority", "standard"
-SEQUENCE = "x-edarun-seq"  # "<publisher>:<n>": the n-th ordered event of this publisher in its lane
-AFTER = "x-edarun-after"  # n of the previous event of its context in the other lane, by the same publisher
+SEQUENCE = "x-edarun-seq"  # "<publisher>:<n>": the n-th standard event of this publisher (0: priority)
+AFTER = "x-edarun-after"  # on a priority event: n of its context's last standard event, same publisher
 MAX_CONTEXTS = 100_000
 YIELD_EVERY = 64  # contexts a publisher remembers per queue; older ones fall back to a floor
 
@@ -81,35 +81,37 @@ def lanes_of(model: Pipeline) -> list[str]:
 
 
 class Sequencer:
-    """One publisher's numbering of the events it sends to one ordered, laned queue."""
+    """One publisher's numbering of the events it sends to one ordered, laned queue.
+
+    Standard events are numbered; a priority event names the number of its context's last
+    standard event (`AFTER`), which the consumer's dispatcher waits for. Standard events never wait
+    (see OrderGuard), so the numbering runs over standard events only.
+    """
 
     def __init__(self, publisher: str) -> None:
         self.publisher = publisher
-        self.count = {STANDARD: 0, PRIORITY: 0}
-        # context → [n of its last standard event, n of its last priority event] (0: none).
-        self.last: OrderedDict[Any, list[int]] = OrderedDict()
-        # Forgotten contexts: an event of one waits for the newest forgotten number instead, which
-        # is safe (that event came no earlier than the forgotten context's) and long since arrived.
-        self.floor = {STANDARD: 0, PRIORITY: 0}
+        self.count = 0  # standard events sent
+        self.last: OrderedDict[Any, int] = OrderedDict()  # context → n of its last standard event
+        # Forgotten contexts: a priority event of one waits for the newest forgotten number
+        # instead, which is safe (that event came no earlier) and long since delivered.
+        self.floor = 0
 
     def stamp(self, context: Any, lane: str, headers: dict[str, Any]) -> None:
-        other = PRIORITY if lane == STANDARD else STANDARD
-        n = self.count[lane] = self.count[lane] + 1
+        if lane == PRIORITY:
+            after = self.last.get(context, self.floor)
+            headers[SEQUENCE] = f"{self.publisher}:0"
+            if after:
+                headers[AFTER] = after
+            return
+        n = self.count = self.count + 1
         headers[SEQUENCE] = f"{self.publisher}:{n}"
-        last = self.last.get(context)
-        if last is None:
-            after = self.floor[other]
-            last = self.last[context] = [0, 0]
-            if len(self.last) > MAX_CONTEXTS:
-                _, forgotten = self.last.popitem(last=False)
-                self.floor[STANDARD] = max(self.floor[STANDARD], forgotten[0])
-                self.floor[PRIORITY] = max(self.floor[PRIORITY], forgotten[1])
-        else:
-            after = last[0 if other == STANDARD else 1]
-            self.last.move_to_end(context)
-        if after:
-            headers[AFTER] = after
-        last[0 if lane == STANDARD else 1] = n
+        last = self.last
+        if context in last:
+            last.move_to_end(context)
+        last[context] = n
+        if len(last) > MAX_CONTEXTS:
+            _, forgotten = last.popitem(last=False)
+            self.floor = max(self.floor, forgotten)
 
 
 def sequence_of(delivery: Delivery) -> tuple[str, int] | None:
@@ -149,6 +151,10 @@ class PriorityFeed:
     @property
     def ended(self) -> bool:
         return self._cancelled or (self.lane.ended and self.standard.ended)
+
+    @property
+    def generation(self) -> int:
+        return self.lane.generation + self.standard.generation
 
     def poll(self) -> Delivery | None:
         if self._cancelled:
@@ -230,91 +236,86 @@ Item = Any  # what the dispatcher routes: (delivery, make), opaque here
 
 
 class OrderGuard:
-    """The ordered dispatcher's check that an event's predecessor in the other lane came first.
+    """The ordered dispatcher's check that a priority event's predecessor of its context, in the
+    standard queue, came first.
 
-    `admit` takes each delivery as it arrives and returns the items that may be routed now, in order:
-    the delivery itself unless it must wait, then any held ones it set free. `drained` releases the
-    events waiting on a lane that has nothing left to deliver: their predecessor was processed
-    before this consumer started.
+    `admit` takes each delivery as it arrives and returns the items that may be routed now, in
+    order: the delivery itself unless it must wait, then any held ones it set free. Only priority
+    events wait; a standard event never does, so the standard queue always flows and held events
+    cannot fill both prefetch windows and stall each other. (A standard event reaches the
+    dispatcher after an earlier priority event of its context because the lane is read first.)
+    `drained` releases what waits on a standard queue that has nothing left to deliver: the
+    predecessor was processed before this consumer started.
     """
 
     def __init__(self, standard: str, lane: str) -> None:
-        self.other = {standard: lane, lane: standard}
-        self.routed: dict[tuple[str, str], int] = {}  # (publisher, queue) → highest n routed
-        self.held_numbers: dict[tuple[str, str], set[int]] = {}
-        # (publisher, queue waited on) → [(n waited for, own queue, own n, item, loop time held)]
-        self.waiting: dict[tuple[str, str], list[tuple[int, str, int, Item, float]]] = {}
+        self.standard = standard
+        self.lane = lane
+        self.routed: dict[str, int] = {}  # publisher → highest standard number routed
+        # publisher → [(standard number waited for, item, its delivery, loop time held)]
+        self.waiting: dict[str, list[tuple[int, Item, Delivery, float]]] = {}
 
     def __len__(self) -> int:
         return sum(len(w) for w in self.waiting.values())
 
     def waiting_on(self) -> set[str]:
-        return {queue for (_, queue), items in self.waiting.items() if items}
+        return {self.standard} if any(self.waiting.values()) else set()
 
     def admit(self, delivery: Delivery, item: Item, now: float) -> list[Item]:
         sequence = sequence_of(delivery)
         if sequence is None:
             return [item]
         publisher, n = sequence
+        if delivery.queue == self.standard:
+            if n > self.routed.get(publisher, 0):
+                self.routed[publisher] = n
+            return [item, *self._freed(publisher)]
         after = delivery.headers.get(AFTER)
-        other = self.other[delivery.queue]
-        if isinstance(after, int) and not self._arrived(publisher, other, after):
-            self.waiting.setdefault((publisher, other), []).append((after, delivery.queue, n, item, now))
-            self.held_numbers.setdefault((publisher, delivery.queue), set()).add(n)
+        if isinstance(after, int) and self.routed.get(publisher, 0) < after:
+            self.waiting.setdefault(publisher, []).append((after, item, delivery, now))
             return []
-        return [item, *self._routed(publisher, delivery.queue, n)]
+        return [item]
 
-    def _arrived(self, publisher: str, queue: str, n: int) -> bool:
-        """Has event n of `publisher` in `queue` been routed (or processed before we started)?"""
-        key = (publisher, queue)
-        return self.routed.get(key, 0) >= n and n not in self.held_numbers.get(key, ())
-
-    def _routed(self, publisher: str, queue: str, n: int) -> list[Item]:
-        """Record that (publisher, queue, n) was routed; return what that set free, in order."""
-        freed: list[Item] = []
-        work = [(publisher, queue, n)]
-        while work:
-            publisher, queue, n = work.pop()
-            key = (publisher, queue)
-            if n > self.routed.get(key, 0):
-                self.routed[key] = n
-            waiters = self.waiting.get(key)
-            if not waiters:
-                continue
-            keep = []
-            for entry in waiters:
-                after, own_queue, own_n, item, _ = entry
-                if self._arrived(publisher, queue, after):
-                    freed.append(item)
-                    self.held_numbers[(publisher, own_queue)].discard(own_n)
-                    work.append((publisher, own_queue, own_n))
-                else:
-                    keep.append(entry)
-            if keep:
-                self.waiting[key] = keep
+    def _freed(self, publisher: str) -> list[Item]:
+        waiters = self.waiting.get(publisher)
+        if not waiters:
+            return []
+        high = self.routed.get(publisher, 0)
+        freed = [item for after, item, _, _ in waiters if after <= high]
+        if freed:
+            kept = [entry for entry in waiters if entry[0] > high]
+            if kept:
+                self.waiting[publisher] = kept
             else:
-                del self.waiting[key]
+                del self.waiting[publisher]
         return freed
 
-    def drained(self, queue: str, before: float) -> list[Item]:
-        """`queue` had nothing ready and nothing arriving: release what waited on it since `before`."""
-        released: list[tuple[str, str, int, Item]] = []
-        for key in [k for k in self.waiting if k[1] == queue]:
-            keep = []
-            for entry in self.waiting[key]:
-                after, own_queue, own_n, item, held_at = entry
-                # A predecessor that is itself held here has arrived: it keeps its own wait.
-                if held_at < before and after not in self.held_numbers.get(key, ()):
-                    released.append((key[0], own_queue, own_n, item))
-                else:
-                    keep.append(entry)
-            if keep:
-                self.waiting[key] = keep
+    def reconnected(self) -> None:
+        """Deliveries handed out before a reconnect come again: what their numbers said is void.
+
+        Held events from before are dropped (the broker delivers them again); those from after
+        keep waiting, now for fresh evidence: a standard event of the same publisher, or the sweep.
+        The first of a publisher's standard events to arrive again says where its backlog begins,
+        as after a restart.
+        """
+        self.routed.clear()
+        for publisher in list(self.waiting):
+            kept = [entry for entry in self.waiting[publisher] if not entry[2].stale]
+            if kept:
+                self.waiting[publisher] = kept
             else:
-                del self.waiting[key]
+                del self.waiting[publisher]
+
+    def drained(self, queue: str, before: float) -> list[Item]:
+        """The standard queue had nothing ready and nothing arriving: release what waited since
+        `before` (everything published to it earlier has reached the dispatcher)."""
         freed: list[Item] = []
-        for publisher, own_queue, own_n, item in released:
-            freed.append(item)
-            self.held_numbers[(publisher, own_queue)].discard(own_n)
-            freed += self._routed(publisher, own_queue, own_n)
+        for publisher in list(self.waiting):
+            waiters = self.waiting[publisher]
+            freed += [item for _, item, _, held_at in waiters if held_at < before]
+            kept = [entry for entry in waiters if entry[3] >= before]
+            if kept:
+                self.waiting[publisher] = kept
+            else:
+                del self.waiting[publisher]
         return freed

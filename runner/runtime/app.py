@@ -73,7 +73,7 @@ async def sample_depths(broker: Broker, loaded: LoadedPipeline, stats: RunStats)
 def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
     """Queue → RabbitMQ queue type, for the queues whose settings say (a priority lane has its
     queue's type)."""
-    types = {name: queue.queue_type for name, queue in loaded.model.queues.items()}
+    types: dict[str, str] = {name: queue.queue_type for name, queue in loaded.model.queues.items()}
     for queue in lane_rules(loaded.model):
         if queue in types:
             types[lane_queue(queue)] = types[queue]

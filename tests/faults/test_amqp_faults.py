@@ -153,6 +153,47 @@ def test_all_connections_closed_producer_and_consumer_recover(
     assert "lost" in log and "reconnected to" in log, scenario.stderr(report)
 
 
+def test_connections_closed_under_ordered_lanes_keep_each_cancel_after_its_place(
+    scenario: Scenario, tmp_path: Path, broker_control: Callable[..., None]
+) -> None:
+    """Ordering across the two lanes holds through reconnects: what the dispatcher knew about the
+    deliveries of a dead channel is forgotten, and they come again."""
+    consumer = {
+        "prefetch": PREFETCH,
+        "concurrency": CONCURRENCY,
+        "ordering": "by_context(account)",
+        "priority_lane": "when(kind == 'CANCEL')",
+    }
+    scenario.write(events=EVENTS, rate=RATE, consumer=consumer)
+    cancels: dict[int, int] = {}  # CANCEL id → the PLACE id it must follow
+    lines = []
+    for i in range(EVENTS):
+        if i % 10 == 9 and i >= 100:
+            place = i - 50 - i % 7  # a recent PLACE: likely still in the standard backlog
+            cancels[i] = place - 1 if place % 10 == 9 else place
+            account = f"A-{cancels[i] % 1000}"
+            lines.append(json.dumps({"id": i, "kind": "CANCEL", "account": account}))
+        else:
+            lines.append(json.dumps({"id": i, "kind": "PLACE", "account": f"A-{i % 1000}"}))
+    scenario.factory.data("events.jsonl", "\n".join(lines) + "\n")
+    report = tmp_path / "report.json"
+    up = scenario.up(report)
+    for share in (EVENTS // 5, EVENTS // 2):
+        scenario.wait_calls(share, up)
+        broker_control("close_all_connections", "--global", "fault test")
+    code = scenario.finish(up, report)
+    assert code == 0, scenario.stderr(report)
+    calls = scenario.calls()
+    assert calls.ids == set(range(EVENTS)), f"{EVENTS - len(calls.ids)} events never processed"
+    first: dict[int, int] = {}
+    for index, (event_id, _) in enumerate(calls.lines):
+        first.setdefault(event_id, index)
+    early = [c for c, place in cancels.items() if first[c] < first[place]]
+    assert not early, f"cancels handled before their order: {early[:10]}"
+    lanes = read_report(report)["consumers"][scenario.consumer]["lanes"]
+    assert lanes["priority"] >= len(cancels), lanes
+
+
 def test_sigterm_drains_and_a_second_run_finishes_without_duplicates(
     scenario: Scenario, tmp_path: Path
 ) -> None:

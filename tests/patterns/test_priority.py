@@ -343,17 +343,19 @@ def stamped(sequencer: Sequencer, context: str, lane: str) -> FakeDelivery:
     return FakeDelivery("q.priority" if lane == "priority" else "q", headers)
 
 
-def test_sequencer_names_the_previous_event_in_the_other_lane() -> None:
+def test_sequencer_names_the_last_standard_event_of_the_context() -> None:
     seq = Sequencer("p1")
     first = stamped(seq, "A", "standard")
-    assert first.headers == {SEQUENCE: "p1:1"}
     stamped(seq, "B", "standard")
     second = stamped(seq, "A", "standard")
     cancel = stamped(seq, "A", "priority")
+    fresh = stamped(seq, "C", "priority")
     after = stamped(seq, "A", "standard")
-    assert cancel.headers == {SEQUENCE: "p1:1", AFTER: 3}  # waits for A's last standard event
-    assert second.headers == {SEQUENCE: "p1:3"}  # same lane: FIFO keeps it in order
-    assert after.headers == {SEQUENCE: "p1:4", AFTER: 1}  # and the next standard one for the cancel
+    assert first.headers == {SEQUENCE: "p1:1"}
+    assert second.headers == {SEQUENCE: "p1:3"}
+    assert cancel.headers == {SEQUENCE: "p1:0", AFTER: 3}  # waits for A's last standard event
+    assert fresh.headers == {SEQUENCE: "p1:0"}  # C has none: it waits for nothing
+    assert after.headers == {SEQUENCE: "p1:4"}  # standard events never wait
 
 
 def test_a_forgotten_context_waits_for_the_floor() -> None:
@@ -365,12 +367,13 @@ def test_a_forgotten_context_waits_for_the_floor() -> None:
         for context in "ABC":
             stamped(seq, context, "standard")  # A (n=1) is forgotten when C arrives
         cancel = stamped(seq, "A", "priority")
+        other = stamped(seq, "Z", "priority")
     finally:
         priority.MAX_CONTEXTS = old
-    assert cancel.headers[AFTER] == 1
+    assert cancel.headers[AFTER] == 1 and other.headers[AFTER] == 1
 
 
-def test_guard_holds_an_event_until_its_predecessor_arrives() -> None:
+def test_guard_holds_a_priority_event_until_its_predecessor_arrives() -> None:
     seq = Sequencer("p1")
     events = [stamped(seq, c, "standard") for c in ("A", "B", "C")]
     cancel_c = stamped(seq, "C", "priority")
@@ -382,15 +385,23 @@ def test_guard_holds_an_event_until_its_predecessor_arrives() -> None:
     assert len(guard) == 0
 
 
+def test_guard_never_holds_a_standard_event() -> None:
+    seq = Sequencer("p1")
+    place, cancel, later = (stamped(seq, "A", lane) for lane in ("standard", "priority", "standard"))
+    guard = OrderGuard("q", "q.priority")
+    assert guard.admit(later, "later", 0.0) == ["later"]  # even ahead of the cancel: the lane is read first
+    assert guard.admit(cancel, "cancel", 0.0) == ["cancel"]  # n=2 ≥ 1 routed: its place came before
+    assert place.headers == {SEQUENCE: "p1:1"}
+
+
 def test_guard_releases_when_the_predecessor_was_processed_before_it_started() -> None:
     seq = Sequencer("p1")
-    place = stamped(seq, "A", "standard")  # processed by an earlier run: never arrives here
+    stamped(seq, "A", "standard")  # processed by an earlier run: never arrives here
     cancel = stamped(seq, "A", "priority")
     later = stamped(seq, "B", "standard")
     guard = OrderGuard("q", "q.priority")
     assert guard.admit(cancel, "cancel A", 0.0) == []
-    assert guard.admit(later, "B", 0.0) == ["B", "cancel A"]  # a later event of that lane arrived
-    assert place.headers[SEQUENCE] == "p1:1"
+    assert guard.admit(later, "B", 0.0) == ["B", "cancel A"]  # a later standard event arrived
 
     guard = OrderGuard("q", "q.priority")
     seq = Sequencer("p2")
@@ -402,22 +413,21 @@ def test_guard_releases_when_the_predecessor_was_processed_before_it_started() -
     assert guard.drained("q", before=2.0) == ["cancel A"]  # the standard queue had nothing left
 
 
-def test_guard_keeps_chains_in_order() -> None:
-    """S1 → P1 → S2 of one context, arriving P1, S2, S1: released as S1, P1, S2."""
+def test_guard_forgets_what_a_dead_channel_told_it() -> None:
     seq = Sequencer("p1")
-    s1, p1, s2 = stamped(seq, "A", "standard"), stamped(seq, "A", "priority"), stamped(seq, "A", "standard")
+    place = stamped(seq, "A", "standard")
+    cancel_1, cancel_2 = stamped(seq, "A", "priority"), stamped(seq, "A", "priority")
     guard = OrderGuard("q", "q.priority")
-    assert guard.admit(p1, "P1", 0.0) == []
-    assert guard.admit(s1, "S1", 0.0) == ["S1", "P1"]
-    assert guard.admit(s2, "S2", 0.0) == ["S2"]
-    guard = OrderGuard("q", "q.priority")
-    seq = Sequencer("p2")
-    s1, p1 = stamped(seq, "A", "standard"), stamped(seq, "A", "priority")
-    p2, s2 = stamped(seq, "A", "priority"), stamped(seq, "A", "standard")
-    assert guard.admit(p1, "P1", 0.0) == []
-    assert guard.admit(p2, "P2", 0.0) == []  # its own lane's P1 is held: so is it, behind P1
-    assert guard.admit(s1, "S1", 0.0) == ["S1", "P1", "P2"]
-    assert guard.admit(s2, "S2", 0.0) == ["S2"]
+    assert guard.admit(place, "place", 0.0) == ["place"]
+    # The connection dies: the place was routed but not acknowledged; it comes again.
+    cancel_1.stale = False  # type: ignore[attr-defined]
+    guard.reconnected()
+    assert guard.admit(cancel_1, "cancel 1", 0.0) == []  # no longer taken as arrived
+    cancel_2.stale = True  # type: ignore[attr-defined]
+    guard.waiting.setdefault("p1", []).append((1, "cancel 2", cancel_2, 0.0))  # held on the old channel
+    guard.reconnected()
+    assert [entry[1] for entry in guard.waiting["p1"]] == ["cancel 1"]  # the stale one comes again
+    assert guard.admit(place, "place", 0.0) == ["place", "cancel 1"]
 
 
 async def test_a_busy_feed_lets_other_tasks_run() -> None:

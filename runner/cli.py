@@ -235,6 +235,87 @@ def send(
     out.print(f"sent {message_id} to {target}", markup=False)
 
 
+class DashboardAction(StrEnum):
+    list = "list"
+    show = "show"
+    resubmit = "resubmit"
+    drop = "drop"
+
+
+@app.command()
+def dashboard(
+    pipeline: PipelineArg,
+    action: Annotated[DashboardAction, typer.Argument(help="list | show ID | resubmit ID | drop ID")],
+    event_id: Annotated[str | None, typer.Argument(metavar="ID", help="a parked event's id")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="list: a JSON array")] = False,
+    event: Annotated[str | None, typer.Option(help="resubmit: the corrected event, as JSON")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="drop: yes, remove it for good")] = False,
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+) -> None:
+    """The parked events of a pipeline (pattern 7): list, show, resubmit or drop them."""
+    from .runtime.app import RunError
+    from .runtime.dashboard_admin import run_admin
+
+    loaded = _load(pipeline)
+    if action is not DashboardAction.list and event_id is None:
+        _fail(f"dashboard {action.value}: which event? give its ID (see `dashboard PIPELINE list`)", 2)
+    if event is not None and action is not DashboardAction.resubmit:
+        _fail("--event belongs to resubmit", 2)
+    edited = None
+    if event is not None:
+        try:
+            edited = json.loads(event)
+        except json.JSONDecodeError as exc:
+            _fail(f"--event: not JSON: {exc}", 2)
+        if not isinstance(edited, dict):
+            _fail("--event: expected a JSON object", 2)
+    if action is DashboardAction.drop and not yes:
+        _fail(f"dashboard drop removes {event_id!r} for good: add --yes to do it", 2)
+    try:
+        if action is DashboardAction.list:
+            records = run_admin(loaded, broker, connect_timeout, lambda admin: admin.records())
+            if as_json:
+                out.print(redact_text(json.dumps(records, indent=2, default=str)), markup=False)
+            else:
+                _print_parked(records)
+        elif action is DashboardAction.show:
+            records = run_admin(loaded, broker, connect_timeout, lambda admin: admin.records())
+            found = [r for r in records if r["id"] == event_id]
+            if not found:
+                _fail(f"no parked event {event_id!r} in the dashboards of {pipeline}", 2)
+            out.print(redact_text(json.dumps(found[0], indent=2, default=str)), markup=False)
+        elif action is DashboardAction.resubmit:
+            assert event_id is not None
+            queue, attempt = run_admin(
+                loaded, broker, connect_timeout, lambda admin: admin.resubmit(event_id, edited)
+            )
+            out.print(f"resubmitted {event_id} to {queue} as attempt {attempt}", markup=False)
+        else:
+            assert event_id is not None
+            run_admin(loaded, broker, connect_timeout, lambda admin: admin.drop(event_id))
+            out.print(f"dropped {event_id}", markup=False)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
+
+
+def _print_parked(records: list[dict[str, object]]) -> None:
+    from rich.table import Table
+
+    if not records:
+        out.print("no parked events", markup=False)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("id", "consumer", "queue", "attempts", "error"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        table.add_row(
+            *(redact_text(str(record.get(c, ""))) for c in ("id", "consumer", "queue", "attempts", "error"))
+        )
+    out.print(table)
+    out.print(f"{len(records)} parked", markup=False)
+
+
 @app.command()
 def traces(
     path: Annotated[Path, typer.Argument(help="a traces file written by traces: file(path)")],

@@ -164,13 +164,14 @@ def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type:
         producers:
           feed: {{source: file(events.jsonl), to: work}}
         consumers:
-          worker: {{from: work, handler: "{mod}:handle", on_error: "workflow({mod}:repair) attempts 2"}}
+          worker: {{from: work, handler: "{mod}:handle", watch: [limit]}}
+        config: {{limit: 5}}
         """
     )
     assert edarun("validate", str(path)).returncode == 0
     result = edarun("up", str(path), "--until-idle")
     assert result.returncode == 2
-    assert "consumers.worker.on_error" in result.stderr and "Traceback" not in result.stderr
+    assert "consumers.worker.watch" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_graph_schema_and_redaction(factory, jsonl) -> None:  # type: ignore[no-untyped-def]

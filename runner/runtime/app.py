@@ -20,6 +20,7 @@ from typing import Any
 from ..brokers import Broker, BrokerError, Depth, connect_url
 from ..config.loader import LoadedPipeline
 from ..patterns.priority import lane_queue, lane_rules
+from ..patterns.workflow import workflow_queue
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
 from . import loop as event_loop
@@ -82,7 +83,7 @@ def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
 
 def queues_of(loaded: LoadedPipeline) -> list[str]:
     """Every queue the pipeline names, in the order it names them, each followed by its priority
-    lane when it has one."""
+    lane when it has one; then the consumers' workflow queues."""
     model = loaded.model
     names: list[str] = list(model.queues)
     for producer in model.producers.values():
@@ -96,9 +97,9 @@ def queues_of(loaded: LoadedPipeline) -> list[str]:
     for consumer in model.consumers.values():
         names += [consumer.from_, *([consumer.emit] if consumer.emit else [])]
     laned = lane_rules(model)
-    return list(
-        dict.fromkeys(n for name in names for n in (name, *([lane_queue(name)] if name in laned else [])))
-    )
+    with_lanes = [n for name in names for n in (name, *([lane_queue(name)] if name in laned else []))]
+    workflows = [workflow_queue(n) for n, c in model.consumers.items() if c.on_error.action == "workflow"]
+    return list(dict.fromkeys([*with_lanes, *workflows]))
 
 
 def consumed_queues(loaded: LoadedPipeline, consumers: Sequence[str]) -> set[str]:
@@ -109,6 +110,8 @@ def consumed_queues(loaded: LoadedPipeline, consumers: Sequence[str]) -> set[str
         queues.add(spec.from_)
         if spec.priority_lane is not None:
             queues.add(lane_queue(spec.from_))
+        if spec.on_error.action == "workflow":
+            queues.add(workflow_queue(name))
     return queues
 
 
@@ -200,6 +203,7 @@ class Runner:
                     parked=self.stats.parked_events,
                     executor=self.executor,
                     lanes=lanes,
+                    repair=loaded.resolve(spec.on_error.repair) if spec.on_error.repair else None,
                 )
             )
         if self.options.counters is not None:
@@ -326,7 +330,7 @@ class Runner:
             return False
         if any(depths.get(q, 0) for q in consumed):
             return False
-        return all(c.stats.in_flight == 0 and not c.retries.pending and not c.held() for c in consumers)
+        return all(c.in_flight == 0 and not c.retries.pending and not c.held() for c in consumers)
 
     # -- signals and report ---------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 The stack, outermost first (written down here and nowhere else):
   trace → forwarding (when to ack) → decode (undecodable → dashboard) → dedupe (when set)
-  → on_error (retry / park) → handler
+  → on_error (retry / park / workflow) → handler
+
+A consumer with `on_error: workflow(...)` also runs its workflow processor (patterns.workflow).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..patterns.forwarding import forwarding
 from ..patterns.ordering import OrderedWorkers
 from ..patterns.priority import PRIORITY, LaneRule, lane_queue
 from ..patterns.supervisor import Supervisor, describe_decision
+from ..patterns.workflow import WorkflowProcessor
 from ..telemetry import Tracing
 from ..types import CallNext, Envelope, Handler, Layer
 from .context import EMPTY_CONFIG, Context
@@ -55,6 +58,7 @@ class ConsumerService:
         executor: Executor,
         config: Mapping[str, Any] = EMPTY_CONFIG,
         lanes: Mapping[str, LaneRule] | None = None,
+        repair: Callable[..., Any] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -73,6 +77,13 @@ class ConsumerService:
         self.publisher = Publisher(broker, tracing, service=name, lanes=lanes)
         self.dashboard = Dashboard(self.publisher, name, stats, parked)
         self.retries = Retries()
+        self.workflow: WorkflowProcessor | None = None
+        if spec.on_error.action == "workflow":
+            assert repair is not None, "a workflow policy names its repair function"
+            self.workflow = WorkflowProcessor(
+                name, spec.on_error, repair=repair, queue=self.queue, broker=broker, tracing=tracing,
+                publisher=self.publisher, dashboard=self.dashboard, stats=stats, executor=executor,
+            )  # fmt: skip
         # Called after each delivery, before its acknowledgement leaves (runtime.counters).
         self.mirror: Callable[[], None] | None = None
         self.prefetch = spec.prefetch or DEFAULT_PREFETCH
@@ -98,6 +109,7 @@ class ConsumerService:
                 tracing=self.tracing,
                 republish=self._republish,
                 in_place=self.spec.ordering is not None,
+                workflow=self.workflow.submit if self.workflow is not None else None,
             ),
         ]
         call: CallNext = self._invoke
@@ -228,6 +240,8 @@ class ConsumerService:
             self.mirror()
 
     def start(self, count: int, *, instances: int = 1) -> None:
+        if self.workflow is not None:
+            self.workflow.start()
         policy = self.spec.autoscale
         if policy is None:
             self.pool.start(count)
@@ -249,7 +263,12 @@ class ConsumerService:
 
     def held(self) -> int:
         """Deliveries this service holds unsettled: the broker counts them as unacknowledged."""
-        return self.pool.held()
+        return self.pool.held() + (self.workflow.held() if self.workflow is not None else 0)
+
+    @property
+    def in_flight(self) -> int:
+        """Handler and repair calls running now."""
+        return self.stats.in_flight + (self.workflow.in_flight if self.workflow is not None else 0)
 
     async def drain(self) -> None:
         """Stop taking deliveries, let in-flight calls finish and acknowledge, flush retries."""
@@ -260,3 +279,7 @@ class ConsumerService:
         await self.pool.drain()
         await self.retries.flush()
         await self.pool.close()  # nothing should be left; whatever is goes back, marked
+        if self.workflow is not None:
+            # After the workers: their last failures reach the workflow queue first. A repair's
+            # resubmission waits in the consumer's queue for the next run.
+            await self.workflow.drain()

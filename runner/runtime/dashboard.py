@@ -54,14 +54,22 @@ class Dashboard:
         self.sink = sink  # the run's record of parked events, for the report
 
     async def park(
-        self, delivery: Delivery, error: str, attempts: int, message_id: str, *, ack: bool = True
+        self,
+        delivery: Delivery,
+        error: str,
+        attempts: int,
+        message_id: str,
+        *,
+        ack: bool = True,
+        queue: str | None = None,
     ) -> None:
-        """Store the delivery durably in the dashboard, then acknowledge the original."""
+        """Store the delivery durably in the dashboard, then acknowledge the original. `queue` is
+        where the event was headed, when that is not the queue it came from (a workflow queue)."""
         headers = {
-            **delivery.headers,
+            **delivery.headers,  # a traced publish writes its own traceparent over the old one
             ERROR: error,
             CONSUMER: self.consumer,
-            QUEUE: delivery.queue,
+            QUEUE: queue or delivery.queue,
             ATTEMPTS: attempts,
             PARKED_AT: time.time(),
         }

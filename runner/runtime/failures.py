@@ -53,6 +53,8 @@ class Retries:
 
 
 Republish = Callable[[str, bytes, str, dict[str, Any]], Awaitable[None]]
+# Pattern 7: hands a failed event (envelope, error, already acknowledged?) to the workflow processor.
+ToWorkflow = Callable[[Envelope, BaseException, bool], Awaitable[None]]
 
 
 class RetryInPlace(Exception):
@@ -76,6 +78,7 @@ def on_error(
     tracing: Tracing,
     republish: Republish,
     in_place: bool = False,
+    workflow: ToWorkflow | None = None,
 ) -> Layer:
     """The layer that turns a handler failure into a retry or a parked event."""
 
@@ -87,14 +90,11 @@ def on_error(
         try:
             await republish(delivery.queue, delivery.body, delivery.message_id, headers)
         except Exception as exc:
-            # The broker refused the copy: the original goes back instead, or, when it was
-            # already acknowledged (at_most_once), to the dashboard.
+            # The broker refused the copy for good (a connection problem is retried inside
+            # publish): parked, not requeued, which would fail the same way again and again.
             log.warning("%s: retry of %s not published (%s)", dashboard.consumer, delivery.message_id, exc)
-            if acked:
-                error = f"retry not published: {exc}"
-                await dashboard.park(delivery, error, envelope.attempt, delivery.message_id, ack=False)
-            else:
-                await delivery.nack(requeue=True)
+            error = f"retry not published: {exc}"
+            await dashboard.park(delivery, error, envelope.attempt, delivery.message_id, ack=not acked)
             return
         if not acked:
             await delivery.ack()
@@ -122,6 +122,13 @@ def on_error(
                 raise RetryInPlace(delay)
             acked, envelope.settled = envelope.settled, True
             retries.start(retry_later(envelope, delay, acked))
+            return
+        if policy.action == "workflow":
+            # Pattern 7: the event and its error go to the workflow processor (patterns.workflow).
+            acked, envelope.settled = envelope.settled, True
+            tracing.failed(envelope.span, failure, {"edarun.workflow.action": "workflow"})
+            assert workflow is not None, "a workflow policy comes with its processor"
+            await workflow(envelope, failure, acked)
             return
         acked, envelope.settled = envelope.settled, True
         tracing.failed(envelope.span, failure, {"edarun.workflow.action": "park"})

@@ -22,8 +22,6 @@ def unsupported(model: Pipeline) -> list[str]:
             refuse(f"queues.{name}.flow_control", "producer control flow (pattern 8)")
     for name, consumer in model.consumers.items():
         where = f"consumers.{name}"
-        if consumer.on_error.action == "workflow":
-            refuse(f"{where}.on_error", "workflow event (pattern 7)")
         if consumer.watch:
             refuse(f"{where}.watch", "watch notification (pattern 4)")
     return problems

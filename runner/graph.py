@@ -1,5 +1,6 @@
 """The topology of a pipeline as Mermaid or Graphviz dot: producers, queues and their priority
-lanes, consumers, emit edges and the dashboard queues where failed events are parked."""
+lanes, consumers, emit edges, workflow processors and the dashboard queues where failed events are
+parked."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 
 from .config.models import Pipeline
 from .patterns.priority import lane_queue, lane_rules
+from .patterns.workflow import workflow_queue
 from .redact import redact_url
 
 
@@ -51,7 +53,19 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
             edges.append((queue(lane_queue(consumer.from_), "lane"), node, f"first ({served})"))
         if consumer.emit:
             publish(node, consumer.emit, "emit")
-        edges.append((node, queue(f"{name}.dashboard", "dashboard"), "parked"))
+        if consumer.on_error.action == "workflow":
+            # Pattern 7: failures go to the workflow processor, which resubmits or parks them.
+            inbox = queue(workflow_queue(name), "workflow")
+            processor = f"w_{name}"
+            nodes[processor] = (f"{name} workflow: {consumer.on_error.repair}", "consumer")
+            edges += [
+                (node, inbox, "failed"),
+                (inbox, processor, ""),
+                (processor, queue(consumer.from_), "repaired"),
+            ]
+            edges.append((processor, queue(f"{name}.dashboard", "dashboard"), "parked"))
+        else:
+            edges.append((node, queue(f"{name}.dashboard", "dashboard"), "parked"))
     return nodes, edges
 
 
@@ -66,6 +80,7 @@ def mermaid(model: Pipeline) -> str:
         "consumer": ("[", "]"),
         "queue": ("[(", ")]"),
         "lane": ("[(", ")]"),
+        "workflow": ("[(", ")]"),
         "dashboard": ("[(", ")]"),
     }
     lines = ["flowchart LR", f"  %% {model.name} on {redact_url(model.broker)}"]

@@ -97,12 +97,20 @@ class AmqpSubscription:
         self._batch = max(1, prefetch // 4)
         self._acks_in_flight: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
+    async def start(self, exchange: str | None = None) -> None:
+        """Consume the queue; with `exchange`, a queue of its own bound to that fanout exchange."""
         channel = await self.broker.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.prefetch)
         self._channel = channel
-        # Declared (passively) through the robust channel, so a reconnect restores its consumer.
-        self._amqp_queue = await channel.declare_queue(self.queue, passive=True)
+        if exchange is None:
+            # Declared (passively) through the robust channel, so a reconnect restores its consumer.
+            self._amqp_queue = await channel.declare_queue(self.queue, passive=True)
+        else:
+            fanout = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+            # Exclusive and server-named: it goes with this listener (and its connection).
+            self._amqp_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await self._amqp_queue.bind(fanout)
+            self.queue = self._amqp_queue.name
         self._consumer_tag = await self._amqp_queue.consume(self._receive, no_ack=False)
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
@@ -269,6 +277,7 @@ class AmqpBroker:
         self.subscriptions: set[AmqpSubscription] = set()
         self._closing = False
         # Publishes in the order they were first sent; those being sent again after a reconnect.
+        self._exchanges: dict[str, Any] = {}
         self._tickets = itertools.count()
         self._resending: list[int] = []
         self._resent = asyncio.Condition()
@@ -386,6 +395,31 @@ class AmqpBroker:
     async def consume(self, queue: str, *, prefetch: int) -> AmqpSubscription:
         sub = AmqpSubscription(self, queue, prefetch)
         await sub.start()
+        self.subscriptions.add(sub)
+        return sub
+
+    async def broadcast(self, exchange: str, message: Message) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise BrokerError("not connected")
+        fanout = self._exchanges.get(exchange)
+        try:
+            if fanout is None:
+                fanout = self._exchanges[exchange] = await channel.declare_exchange(
+                    exchange, aio_pika.ExchangeType.FANOUT, durable=True
+                )
+            outgoing = aio_pika.Message(
+                message.body, message_id=message.message_id, headers=message.headers,
+                content_type="application/json", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            )  # fmt: skip
+            await fanout.publish(outgoing, routing_key="", mandatory=False)  # no listener: fine
+        except (*_RETRYABLE, aiormq.exceptions.AMQPError) as exc:
+            self._exchanges.pop(exchange, None)
+            raise BrokerError(f"broadcast on {exchange!r} failed: {redact_text(str(exc))}") from None
+
+    async def listen(self, exchange: str) -> AmqpSubscription:
+        sub = AmqpSubscription(self, exchange, prefetch=100)
+        await sub.start(exchange=exchange)
         self.subscriptions.add(sub)
         return sub
 

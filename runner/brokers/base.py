@@ -111,4 +111,12 @@ class Broker(Protocol):
 
     async def depth(self, queue: str) -> Depth: ...
 
+    async def broadcast(self, exchange: str, message: Message) -> None:
+        """Publish to every listener of `exchange` (a fanout exchange, made if missing); confirmed.
+        A message nobody listens to is dropped by design: it is a notice, not an event."""
+
+    async def listen(self, exchange: str) -> Subscription:
+        """A queue of this listener's own, bound to `exchange`, gone when the listener is (pattern 8's
+        control messages: one queue per producer, not one shared queue)."""
+
     async def close(self) -> None: ...

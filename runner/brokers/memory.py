@@ -92,6 +92,7 @@ class MemorySubscription:
         self._listeners: list[Callable[[], None]] = []
         self._cancelled = False
         self._since_yield = 0
+        self.on_close: Callable[[], None] | None = None
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         return self
@@ -181,6 +182,8 @@ class MemorySubscription:
     async def close(self) -> None:
         await self.cancel()
         self.queue.subscriptions.discard(self)
+        if self.on_close is not None:
+            self.on_close()
         items = [d.again() for d in self.unacked]
         self.unacked.clear()
         self.queue.put_back(items)
@@ -195,6 +198,8 @@ class MemoryBroker:
     def __init__(self, url: str = "memory") -> None:
         self.url = url
         self._queues: dict[str, _Queue] = {}
+        self._exchanges: dict[str, set[_Queue]] = {}  # fanout exchange → the queues bound to it
+        self._listeners = 0
         self._closed = False
         self._since_yield = 0
 
@@ -230,6 +235,22 @@ class MemoryBroker:
         target.subscriptions.add(sub)
         return sub
 
+    async def broadcast(self, exchange: str, message: Message) -> None:
+        if self._closed:
+            raise BrokerError("the memory broker is closed")
+        for queue in list(self._exchanges.get(exchange, ())):
+            queue.put(MemoryDelivery(message.body, message.message_id, dict(message.headers), queue.name))
+
+    async def listen(self, exchange: str) -> MemorySubscription:
+        self._listeners += 1
+        queue = _Queue(f"{exchange}.listener-{self._listeners}")
+        bound = self._exchanges.setdefault(exchange, set())
+        bound.add(queue)
+        sub = MemorySubscription(queue, prefetch=100)
+        queue.subscriptions.add(sub)
+        sub.on_close = lambda: bound.discard(queue)  # exclusive: it goes with its listener
+        return sub
+
     async def depth(self, queue: str) -> Depth:
         target = self._queues.get(queue)
         if target is None:
@@ -243,6 +264,7 @@ class MemoryBroker:
 
     async def close(self) -> None:
         self._closed = True
-        for queue in self._queues.values():
+        listeners = [q for bound in self._exchanges.values() for q in bound]
+        for queue in [*self._queues.values(), *listeners]:
             for sub in list(queue.subscriptions):
                 await sub.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..brokers import Broker, BrokerError, Depth, connect_url
 from ..config.loader import LoadedPipeline
+from ..patterns.flow import SLOW, FlowMonitor, monitor_name
 from ..patterns.priority import lane_queue, lane_rules
 from ..patterns.workflow import workflow_queue
 from ..redact import redact_text, redact_url
@@ -123,15 +124,19 @@ class Runner:
         problems = unsupported(model)
         if problems:
             raise RunError("\n".join(f"{loaded.path}: {p}" for p in problems), EXIT_INVALID)
-        unknown = [n for n in options.only if n not in model.producers and n not in model.consumers]
+        self.flow = {name: q.flow_control for name, q in model.queues.items() if q.flow_control is not None}
+        monitors = {monitor_name(q): q for q in self.flow}
+        known = {*model.producers, *model.consumers, *monitors}
+        unknown = [n for n in options.only if n not in known]
         if unknown:
             raise RunError(
-                f"--only: no producer or consumer named {', '.join(map(repr, unknown))}",
+                f"--only: no producer, consumer or flow monitor named {', '.join(map(repr, unknown))}",
                 EXIT_INVALID,
             )
-        selected = set(options.only) or {*model.producers, *model.consumers}
+        selected = set(options.only) or known
         self.producer_names = [n for n in model.producers if n in selected]
         self.consumer_names = [n for n in model.consumers if n in selected]
+        self.monitored = [queue for name, queue in monitors.items() if name in selected]
         self.stats = RunStats(pipeline=model.name)
         self.stop_requested: asyncio.Event | None = None
         self.interrupted = False
@@ -226,6 +231,7 @@ class Runner:
                     stats=self.stats.producers.setdefault(name, ProducerStats()),
                     skip=self.options.skip.get(name, 0),
                     lanes=lanes,
+                    flow=self.flow,
                 )
             )
         if self.options.counters is not None:
@@ -258,6 +264,8 @@ class Runner:
                 # A supervised consumer sizes itself; with several processes each takes its share.
                 instances = consumer.spec.instances if self.options.single_service else 1
                 consumer.start(self._workers(consumer.spec), instances=instances)
+            monitors = [self._monitor(broker, tracing, queue) for queue in self.monitored]
+            watching = [asyncio.create_task(m.run(), name=f"{m.queue} flow monitor") for m in monitors]
             tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
             for task in tasks:
                 task.add_done_callback(self._producer_done)
@@ -265,6 +273,9 @@ class Runner:
             for producer in producers:
                 producer.stopping.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for monitor in monitors:
+                monitor.stop()
+            await asyncio.gather(*watching, return_exceptions=True)
             for consumer in consumers:
                 await consumer.drain()
             await self._sample(broker)
@@ -283,6 +294,16 @@ class Runner:
         if outcome == "interrupted":
             return EXIT_INTERRUPTED
         return EXIT_FAILURE if self.failed else EXIT_OK
+
+    def _monitor(self, broker: Broker, tracing: Tracing, queue: str) -> FlowMonitor:
+        """Pattern 8: the flow monitor of one queue (its priority lane counts in its depth)."""
+        measured = [queue, *([lane_queue(queue)] if queue in lane_rules(self.loaded.model) else [])]
+
+        def changed(queue: str, state: str, depth: int) -> None:
+            self.stats.flow_changed(queue, "slow" if state == SLOW else "resume", depth)
+            tracing.decision(f"flow {queue}", {"edarun.flow.state": state, "edarun.flow.depth": depth})
+
+        return FlowMonitor(queue, self.flow[queue], broker=broker, measured=measured, changed=changed)
 
     def _producer_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -50,6 +50,8 @@ def table(stats: RunStats, rates: _Rates) -> Table:
         grid.add_column(column, justify="left" if column in _LEFT else "right")
     for name, p in stats.producers.items():
         state = "exhausted" if p.done else "publishing"
+        if not p.done and p.delayed and "slow" in stats.flow_state.values():
+            state = "slowed"
         grid.add_row(name, "producer", state, "", "", str(p.published), "", str(p.rejected), "", "", "")
     for name, c in stats.consumers.items():
         rate = f"{rates.rate(name, c.processed):.0f}"
@@ -59,7 +61,8 @@ def table(stats: RunStats, rates: _Rates) -> Table:
             name, "consumer", state, "", str(c.consumers), str(counts[0]), rate, *map(str, counts[1:])
         )
     for queue, depth in sorted(stats.depth.items()):
-        grid.add_row(queue, "queue", "", str(depth), "", "", "", "", "", "", "")
+        flow = {"slow": "flow: slow down", "resume": "flow: normal"}.get(stats.flow_state.get(queue, ""), "")
+        grid.add_row(queue, "queue", flow, str(depth), "", "", "", "", "", "", "")
     return grid
 
 
@@ -105,7 +108,10 @@ class LogView:
             + (f" restarts={c.restarts}" if c.restarts else "")
             for n, c in stats.consumers.items()
         ]
-        parts += [f"{q} depth={d}" for q, d in sorted(stats.depth.items())]
+        parts += [
+            f"{q} depth={d}" + (f" flow={stats.flow_state[q]}" if q in stats.flow_state else "")
+            for q, d in sorted(stats.depth.items())
+        ]
         return " | ".join(parts)
 
     def update(self, stats: RunStats) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..brokers import Broker
 from ..config.loader import LoadedPipeline
+from ..patterns.flow import monitor_name
 from . import loop as event_loop
 from .app import (
     EXIT_FAILURE,
@@ -69,7 +70,7 @@ class Child:
 
     @property
     def label(self) -> str:
-        return self.service if self.kind == "producer" else f"{self.service}#{self.instance}"
+        return f"{self.service}#{self.instance}" if self.kind == "consumer" else self.service
 
     def counters(self) -> dict[str, Any]:
         section = "producers" if self.kind == "producer" else "consumers"
@@ -87,6 +88,8 @@ class Supervisor:
         for name in self.plan.consumer_names:
             for instance in range(1, model.consumers[name].instances + 1):
                 self.children.append(Child(name, "consumer", instance))
+        # Pattern 8: a flow monitor per flow-controlled queue, a service of its own.
+        self.children += [Child(monitor_name(queue), "monitor", 1) for queue in self.plan.monitored]
         self.stats = RunStats(pipeline=model.name)
         for name in self.plan.producer_names:
             self.stats.producers[name] = ProducerStats()
@@ -212,6 +215,8 @@ class Supervisor:
             counters = child.counters()
             if child.last.get("parked"):
                 self.stats.parked_events += child.last.pop("parked")
+            for change in child.last.pop("flow", []):
+                self.stats.flow_changed(change["queue"], change["state"], change["depth"], at=change["at"])
             if child.kind == "producer":
                 stats = self.stats.producers[child.service]
                 stats.published = child.base.get("published", 0) + int(counters.get("published", 0))
@@ -247,8 +252,10 @@ class Supervisor:
                 await broker.declare(queue)
             for name in self.loaded.model.consumers:
                 await broker.declare(dashboard_queue(name))
-            # Consumers first, so the first events find someone to take them.
-            for child in sorted(self.children, key=lambda c: c.kind != "consumer"):
+            # Consumers first, so the first events find someone to take them; producers last, so a
+            # flow monitor is there to tell them the state.
+            order = {"consumer": 0, "monitor": 1, "producer": 2}
+            for child in sorted(self.children, key=lambda c: order[c.kind]):
                 await self._spawn(child)
             started = True
             outcome = await self._watch(broker)
@@ -303,6 +310,8 @@ class Supervisor:
 
     def _quiet(self, depths: dict[str, int], consumed: set[str]) -> bool:
         for child in self.children:
+            if child.kind == "monitor":
+                continue  # it watches; it has no work of its own to finish
             if child.kind == "producer":
                 if not (child.done or child.failed):
                     return False

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..brokers import Broker, BrokerError
 from ..config.expr import predicate
-from ..config.models import Producer
+from ..config.models import FlowControl, Producer
+from ..patterns.flow import FlowListener
 from ..patterns.priority import LaneRule
 from ..patterns.routing import NoRoute, Router
 from ..telemetry import Tracing
@@ -33,6 +34,7 @@ class ProducerService:
         stats: ProducerStats,
         skip: int = 0,
         lanes: Mapping[str, LaneRule] | None = None,
+        flow: Mapping[str, FlowControl] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -47,6 +49,13 @@ class ProducerService:
         # Pattern 3: the producer marks events for the priority lane of their queue.
         self.marks = predicate(spec.priority) if spec.priority is not None else None
         self.skip = skip
+        self.broker = broker
+        # Pattern 8: a listener per flow-controlled queue this producer publishes to.
+        self.flow = {
+            q: FlowListener(q, policy, producer=name)
+            for q, policy in (flow or {}).items()
+            if q in self.targets()
+        }
         self.mirror: Callable[[], None] | None = None  # see runtime.counters
 
     def target(self, event: dict[str, Any]) -> str:
@@ -56,7 +65,25 @@ class ProducerService:
         assert self.spec.to is not None  # the model requires one of `to` and `route`
         return self.spec.to
 
+    def targets(self) -> set[str]:
+        """Every queue this producer may publish to."""
+        spec = self.spec
+        if spec.route is not None:
+            return {*spec.route.to.values(), *([spec.route.default] if spec.route.default else [])}
+        return {spec.to} if spec.to else set()
+
     async def run(self) -> None:
+        try:
+            for listener in self.flow.values():
+                await listener.start(self.broker)
+            for listener in self.flow.values():
+                await listener.ready()  # learn the flow state before the first publish
+            await self._run()
+        finally:
+            for listener in self.flow.values():
+                await listener.close()
+
+    async def _run(self) -> None:
         spec, stats = self.spec, self.stats
         loop = asyncio.get_running_loop()
         interval = 1.0 / spec.rate if spec.rate else 0.0
@@ -84,7 +111,14 @@ class ProducerService:
                         self.log.error("%s: event rejected: %s", self.name, exc)
                         window.settled(taken)
                     else:
-                        await window.publish(taken, queue, item)
+                        listener = self.flow.get(queue) if self.flow else None
+                        delay = listener.delay() if listener is not None else 0.0
+                        if delay:
+                            stats.delayed += 1
+                            await asyncio.sleep(delay)  # slowed by the queue's flow monitor
+                            if interval:
+                                next_at = loop.time()  # the pace restarts after the delay
+                        await window.publish(taken, queue, item, delay)
                 if spec.count is not None and taken >= spec.count:
                     break
                 if interval:
@@ -129,12 +163,13 @@ class ConfirmWindow:
         else:
             self._done.add(index)
 
-    async def _one(self, index: int, queue: str, event: dict[str, Any]) -> None:
+    async def _one(self, index: int, queue: str, event: dict[str, Any], delayed: float) -> None:
         producer = self.producer
         marks = producer.marks
         try:
             marked = marks is not None and marks(event)
-            await producer.publisher.publish(queue, event, root=True, priority=marked)
+            extra: dict[str, object] | None = {"edarun.flow.delayed": delayed} if delayed else None
+            await producer.publisher.publish(queue, event, root=True, priority=marked, attributes=extra)
         except (PublishError, BrokerError) as exc:
             self.stats.rejected += 1
             producer.log.error("%s: publish failed: %s", producer.name, exc)
@@ -144,11 +179,11 @@ class ConfirmWindow:
         if producer.mirror is not None:
             producer.mirror()
 
-    async def publish(self, index: int, queue: str, event: dict[str, Any]) -> None:
+    async def publish(self, index: int, queue: str, event: dict[str, Any], delayed: float = 0.0) -> None:
         if self.size <= 1:
-            await self._one(index, queue, event)
+            await self._one(index, queue, event, delayed)
             return
-        task = asyncio.ensure_future(self._one(index, queue, event))
+        task = asyncio.ensure_future(self._one(index, queue, event, delayed))
         self.pending.add(task)
         task.add_done_callback(self._finished)
         if len(self.pending) >= self.size:

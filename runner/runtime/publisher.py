@@ -58,6 +58,7 @@ class Publisher:
         headers: dict[str, Any] | None = None,
         priority: bool = False,
         persistent: bool = True,
+        attributes: dict[str, object] | None = None,
     ) -> str:
         """Publish one event and return its message id once the broker has confirmed it.
 
@@ -70,7 +71,7 @@ class Publisher:
             raise PublishError(f"event for {queue!r} is not JSON-serialisable: {exc}") from None
         message_id = message_id or self._prefix + str(next(self._ids))
         headers = {} if headers is None else headers
-        attributes = None
+        extra, attributes = attributes, None
         if self.lanes and (rule := self.lanes.get(queue)) is not None:
             if rule.order_by is not None:
                 queue, attributes = self._lane(rule, event, priority, headers)
@@ -85,6 +86,8 @@ class Publisher:
                 "(set priority_lane on its consumer)", self.service, queue,
             )  # fmt: skip
         if self.tracing.enabled:
+            if extra:
+                attributes = {**(attributes or {}), **extra}
             await self.send(
                 queue, body, message_id, headers, root=root, persistent=persistent, attributes=attributes
             )

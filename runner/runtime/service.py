@@ -29,17 +29,22 @@ class StatsLines:
         self.seq = 0
         self._last = 0.0
         self._parked_sent = 0
+        self._flow_sent = 0
 
     def _write(self, stats: RunStats, *, final: bool, outcome: str | None = None) -> None:
         self.seq += 1
         parked = stats.parked_events[self._parked_sent :]
         self._parked_sent = len(stats.parked_events)
+        # Flow-control changes (a monitor's), with the wall-clock time the supervisor places them by.
+        flow = [{**f, "at": stats.started_at + f["at_s"]} for f in stats.flow[self._flow_sent :]]
+        self._flow_sent = len(stats.flow)
         line: dict[str, Any] = {
             "seq": self.seq,
             "final": final,
             "producers": {n: dataclasses.asdict(s) for n, s in stats.producers.items()},
             "consumers": {n: dataclasses.asdict(s) for n, s in stats.consumers.items()},
             "parked": parked,
+            "flow": flow,
         }
         if outcome is not None:
             line["outcome"] = outcome
@@ -57,7 +62,7 @@ class StatsLines:
 
 
 def run_service(loaded: LoadedPipeline, name: str, options: RunOptions) -> int:
-    """Run the producer or consumer `name` alone in this process; returns its exit code.
+    """Run the producer, consumer or flow monitor `name` alone in this process; returns its exit code.
 
     A producer ends when its source is exhausted; a consumer runs until SIGTERM, then drains.
     """

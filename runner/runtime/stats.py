@@ -12,6 +12,7 @@ class ProducerStats:
     published: int = 0
     rejected: int = 0
     confirmed: int = 0  # leading source events all settled: where a restart resumes
+    delayed: int = 0  # events held back by flow control (pattern 8)
     done: bool = False
 
 
@@ -42,12 +43,22 @@ class RunStats:
     consumers: dict[str, ConsumerStats] = field(default_factory=dict)
     max_depth: dict[str, int] = field(default_factory=dict)
     depth: dict[str, int] = field(default_factory=dict)
-    flow: list[dict[str, Any]] = field(default_factory=list)
+    flow: list[dict[str, Any]] = field(default_factory=list)  # flow-control changes, in order
+    flow_state: dict[str, str] = field(default_factory=dict)  # queue → slow | resume, now
+    started_at: float = field(default_factory=time.time)  # wall clock: to place a child's events
     parked_events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def flow_changed(self, queue: str, state: str, depth: int, at: float | None = None) -> None:
+        """Pattern 8: a flow monitor told the producers of `queue` to slow down or resume."""
+        at = time.time() if at is None else at
+        self.flow.append(
+            {"queue": queue, "state": state, "at_s": round(at - self.started_at, 3), "depth": depth}
+        )
+        self.flow_state[queue] = state
 
     def observe_depth(self, queue: str, depth: int) -> None:
         self.depth[queue] = depth

@@ -17,9 +17,6 @@ def unsupported(model: Pipeline) -> list[str]:
 
     if model.brokers:
         refuse("brokers", "multi-broker (pattern 9)")
-    for name, queue in model.queues.items():
-        if queue.flow_control:
-            refuse(f"queues.{name}.flow_control", "producer control flow (pattern 8)")
     for name, consumer in model.consumers.items():
         where = f"consumers.{name}"
         if consumer.watch:

@@ -150,13 +150,14 @@ def up(
 @app.command(hidden=True)
 def service(
     pipeline: PipelineArg,
-    name: Annotated[str, typer.Argument(help="the producer or consumer to run")],
+    name: Annotated[str, typer.Argument(help="the producer, consumer or flow monitor to run")],
     instance: Annotated[int, typer.Option(help="which of the consumer's instances")] = 1,
     broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
     traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
     skip: Annotated[int, typer.Option(help="producer: source events already published")] = 0,
     counters: Annotated[Path | None, typer.Option(help="mirror the counters into this file")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+    restarted: Annotated[bool, typer.Option(help="started again after it died")] = False,
 ) -> None:
     """Run one service of a pipeline in this process (what `up` starts per service on RabbitMQ)."""
     from .runtime.app import RunError, RunOptions
@@ -170,8 +171,9 @@ def service(
     )
     _quiet_libraries(verbose=False)
     options = RunOptions(
-        broker=broker, traces=traces, connect_timeout=connect_timeout, skip={name: skip}, counters=counters
-    )
+        broker=broker, traces=traces, connect_timeout=connect_timeout, skip={name: skip}, counters=counters,
+        restarted=restarted,
+    )  # fmt: skip
     try:
         code = run_service(loaded, name, options)
     except RunError as exc:

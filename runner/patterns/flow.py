@@ -58,12 +58,16 @@ class FlowMonitor:
         broker: Broker,
         measured: list[str],
         changed: Callable[[str, str, int], None] | None = None,
+        restarted: bool = False,
     ) -> None:
         self.queue = queue
         self.policy = policy
         self.broker = broker
         self.measured = measured  # the queue and, when it has one, its priority lane
         self.changed = changed  # (queue, state, depth): for the report, the live view and traces
+        # A monitor started again after a crash: its first word may resume producers left slowed,
+        # so it counts as a change even when it says "normal".
+        self.restarted = restarted
         self.state = NORMAL
         self.depth = 0
         self.stopping = asyncio.Event()
@@ -79,7 +83,7 @@ class FlowMonitor:
             self.depth = depth
             state = self.decide(depth)
             if state != self.state or first:
-                if state != self.state:
+                if state != self.state or (first and self.restarted):
                     log.info(
                         "%s: depth %d, producers %s",
                         self.queue,

@@ -61,6 +61,7 @@ class RunOptions:
     # consumer's `instances` run here side by side.
     single_service: bool = False
     counters: Path | None = None  # a service process: mirror its counters here (runtime.counters)
+    restarted: bool = False  # a service process started again by its supervisor
 
 
 async def sample_depths(broker: Broker, loaded: LoadedPipeline, stats: RunStats) -> dict[str, Depth]:
@@ -303,7 +304,10 @@ class Runner:
             self.stats.flow_changed(queue, "slow" if state == SLOW else "resume", depth)
             tracing.decision(f"flow {queue}", {"edarun.flow.state": state, "edarun.flow.depth": depth})
 
-        return FlowMonitor(queue, self.flow[queue], broker=broker, measured=measured, changed=changed)
+        return FlowMonitor(
+            queue, self.flow[queue], broker=broker, measured=measured, changed=changed,
+            restarted=self.options.restarted,
+        )  # fmt: skip
 
     def _producer_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -112,6 +112,8 @@ class Supervisor:
             command += ["--traces", options.traces]
         if child.kind == "producer":
             command += ["--skip", str(child.base.get("confirmed", 0))]
+        if child.restarts:
+            command.append("--restarted")
         command += ["--counters", str(self._counters_file(child))]
         return command
 
@@ -206,6 +208,8 @@ class Supervisor:
             confirmed = max(child.base.get("confirmed", 0), int(counters.get("confirmed", 0)))
             child.base["confirmed"] = confirmed
         self.stats.parked_events += child.last.get("parked", [])
+        for change in child.last.get("flow", []):
+            self.stats.flow_changed(change["queue"], change["state"], change["depth"], at=change["at"])
         child.last = {}
 
     # -- merging -------------------------------------------------------------------------------

@@ -89,6 +89,61 @@ def test_kill_9_with_a_priority_lane_loses_nothing(scenario: Scenario, tmp_path:
     assert EVENTS // 10 <= lanes["priority"] <= EVENTS // 10 + calls.duplicates, lanes
 
 
+FLOW_HANDLERS = """
+import asyncio
+
+
+def feed():
+    for i in range(4000):
+        yield {"id": i}
+
+
+async def work(event, ctx):
+    await asyncio.sleep(0.002)
+"""
+
+
+def test_a_killed_flow_monitor_comes_back_and_resumes(scenario: Scenario, tmp_path: Path) -> None:
+    """Pattern 8: `kill -9` of the flow monitor while it has the producer slowed; the supervisor
+    starts it again, it re-announces the state it finds, and the producer is not left slowed."""
+    module = scenario.factory.module("flow_fault", FLOW_HANDLERS)
+    queue, producer, consumer = scenario.queue, scenario.producer, scenario.consumer
+    scenario.path = scenario.factory.pipeline(
+        f"""
+        version: 1
+        name: {scenario.tag}
+        plugins: [plugins]
+        queues:
+          {queue}: {{flow_control: upper 200 lower 100 delay 20ms every 100ms}}
+        producers:
+          {producer}: {{source: "{module}:feed", to: {queue}, rate: 2000/s}}
+        consumers:
+          {consumer}: {{from: {queue}, handler: "{module}:work"}}
+        """
+    )
+    report = tmp_path / "report.json"
+    began = time.time()  # the report's at_s count from (a little after) here
+    up = scenario.up(report)
+    output = report.with_suffix(".err")
+    deadline = time.monotonic() + 30
+    while "flow=slow" not in output.read_text(errors="replace"):
+        assert up.poll() is None and time.monotonic() < deadline, scenario.stderr(report)
+        time.sleep(0.05)
+    monitor = f"{queue}.flow"
+    killed = scenario.wait_pids(monitor)[0]
+    os.kill(killed, signal.SIGKILL)
+    killed_at = time.time()
+    scenario.wait_pids(monitor, other_than={killed})  # the supervisor started it again
+    code = scenario.finish(up, report)
+    assert code == 0, scenario.stderr(report)
+    data = read_report(report)
+    assert data["consumers"][consumer]["processed"] == 4000
+    assert data["producers"][producer] == {"published": 4000, "rejected": 0}
+    after = [c for c in data["flow"] if c["at_s"] > killed_at - began]
+    assert any(c["state"] == "resume" for c in after), (killed_at - began, data["flow"])
+    assert "died (signal 9)" in output.read_text(errors="replace")
+
+
 def test_report_counts_the_calls_of_a_killed_process(scenario: Scenario, tmp_path: Path) -> None:
     events = 6000
     scenario.write(events=events, rate=RATE, consumer={"prefetch": PREFETCH, "concurrency": CONCURRENCY})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .config.models import Pipeline
+from .config.models import Pipeline, Producer
 from .patterns.priority import lane_queue, lane_rules
 from .patterns.workflow import workflow_queue
 from .redact import redact_url
@@ -32,9 +32,22 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
             whens = [w for w in (rule.when, marks) if w]
             edges.append((source, queue(rule.lane, "lane"), " or ".join(whens) or "marked priority"))
 
+    for name, spec in model.queues.items():
+        if spec.flow_control is not None:
+            # Pattern 8: the monitor watches the queue and tells its producers over the exchange.
+            monitor, control = f"m_{name}", f"x_{name}"
+            fc = spec.flow_control
+            nodes[monitor] = (f"{name}.flow monitor", "consumer")
+            nodes[control] = (f"{name}.control", "exchange")
+            edges.append((queue(name), monitor, f"depth every {fc.every:g}s"))
+            edges.append((monitor, control, f"slow above {fc.upper}, resume at {fc.resume_at}"))
     for name, producer in model.producers.items():
         node = f"p_{name}"
         nodes[node] = (name, "producer")
+        for target in sorted(_targets(producer)):
+            control_spec = model.queues.get(target)
+            if control_spec is not None and control_spec.flow_control is not None:
+                edges.append((f"x_{target}", node, "flow"))
         marks = producer.priority
         if producer.to:
             publish(node, producer.to, marks=marks)
@@ -69,6 +82,12 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
     return nodes, edges
 
 
+def _targets(producer: Producer) -> set[str]:
+    if producer.route is not None:
+        return {*producer.route.to.values(), *([producer.route.default] if producer.route.default else [])}
+    return {producer.to} if producer.to else set()
+
+
 def _id(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", node)
 
@@ -82,6 +101,7 @@ def mermaid(model: Pipeline) -> str:
         "lane": ("[(", ")]"),
         "workflow": ("[(", ")]"),
         "dashboard": ("[(", ")]"),
+        "exchange": ("{{", "}}"),
     }
     lines = ["flowchart LR", f"  %% {model.name} on {redact_url(model.broker)}"]
     for node, (label, kind) in nodes.items():
@@ -106,7 +126,9 @@ def dot(model: Pipeline) -> str:
         "consumer": "box",
         "queue": "cylinder",
         "lane": "cylinder",
+        "workflow": "cylinder",
         "dashboard": "cylinder",
+        "exchange": "hexagon",
     }
     fills = {"dashboard": "#ffdddd", "lane": "#ffe9b3"}
     lines = [

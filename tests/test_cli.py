@@ -282,3 +282,39 @@ async def test_send_puts_a_priority_event_in_the_lane(factory, jsonl) -> None:  
             assert (lane.declaration_result.message_count, main.declaration_result.message_count) == (2, 1)
     finally:
         await delete_queues(queues)
+
+
+def test_graph_draws_workflow_and_flow_control(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": 1}])
+    mod = factory.module(
+        "drawn",
+        "def handle(event, ctx):\n    return None\n\n\ndef repair(event, error, ctx):\n    return event\n",
+    )
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: drawn
+        plugins: [plugins]
+        queues:
+          orders: {{flow_control: upper 100 every 250ms}}
+        producers:
+          feed: {{source: file(events.jsonl), to: orders}}
+        consumers:
+          worker: {{from: orders, handler: "{mod}:handle", on_error: "workflow({mod}:repair)"}}
+        """
+    )
+    mermaid = edarun("graph", str(path))
+    assert mermaid.returncode == 0, mermaid.stderr
+    for line in (
+        'c_worker -- "failed" --> q_worker_workflow',
+        'w_worker -- "repaired" --> q_orders',
+        'w_worker -- "parked" --> q_worker_dashboard',
+        'q_orders -- "depth every 0.25s" --> m_orders',
+        'm_orders -- "slow above 100, resume at 50" --> x_orders',
+        'x_orders -- "flow" --> p_feed',
+    ):
+        assert line in mermaid.stdout, line
+    dot = edarun("graph", str(path), "--format", "dot")
+    assert dot.returncode == 0, dot.stderr
+    assert 'x_orders [label="orders.control", shape=hexagon];' in dot.stdout
+    assert 'q_worker_workflow [label="worker.workflow", shape=cylinder];' in dot.stdout

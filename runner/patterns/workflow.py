@@ -1,19 +1,21 @@
 """Workflow event (pattern 7): `on_error: workflow(module:fn) [attempts N]` repairs failed events.
 
 A consumer whose handler fails sends the event, with its error (type, message, consumer, attempt,
-first failure), to its workflow queue `<consumer>.workflow` and acknowledges the original. The
-workflow processor, which runs beside the consumer's workers, calls the repair function
+first failure), to its workflow queue `<consumer>.workflow` and acknowledges the original
+(`WorkflowSender`). The workflow processor, a service of its own named like its queue (its own OS
+process on RabbitMQ, like every service), calls the repair function
 `repair(event, error, ctx) -> dict | None`:
 
 - a dict is the corrected event: published to the consumer's queue with `attempt` + 1 (so the
-  queue's priority lane rule applies to it as to any event), counted as `repaired`;
+  queue's priority lane rule applies to it as to any event), counted as `repaired`; what the
+  repair published with `ctx.publish` goes out first;
 - None, an exception, or an event that failed again after N repairs: parked in the consumer's
   dashboard queue with every error it met. Nothing is dropped.
 
 Every step happens inside the spans of the event's own trace: the failed CONSUMER span publishes to
-the workflow queue, the processor's CONSUMER span publishes the corrected event, whose CONSUMER span
-ends the journey. `edarun dashboard` (`runtime.dashboard_admin`) lists, resubmits and drops what
-was parked, from a durable queue, after the run.
+the workflow queue, the processor's CONSUMER span publishes the corrected event, whose CONSUMER
+span ends the journey. `edarun dashboard` (`runtime.dashboard_admin`) lists, resubmits and drops
+what was parked, from a durable queue, after the run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..brokers import Broker
 from ..config.models import OnError
 from ..runtime.context import Context
 from ..runtime.dashboard import ATTEMPTS, CONSUMER, ERROR, QUEUE, Dashboard
-from ..runtime.failures import describe
+from ..runtime.failures import Retries, describe
 from ..runtime.pool import IndependentWorkers, PoolSettings
 from ..runtime.publisher import ATTEMPT, Publisher
 from ..runtime.stats import ConsumerStats
@@ -69,14 +71,49 @@ def failure_headers(
         CONSUMER: consumer,
         QUEUE: queue,
         ATTEMPT: attempt,
-        FIRST_FAILURE: headers.get(FIRST_FAILURE) or time.time(),
+        # Text: AMQP carries a float header as 32 bits, which rounds today's time to 2 minutes.
+        FIRST_FAILURE: headers.get(FIRST_FAILURE) or f"{time.time():.3f}",
         HISTORY: f"{history_text}\n{text}" if history_text else text,
     })  # fmt: skip
     return out
 
 
+class WorkflowSender:
+    """The consumer's side: hands a failed event over to the workflow queue (on_error's layer)."""
+
+    def __init__(self, consumer: str, publisher: Publisher, dashboard: Dashboard) -> None:
+        self.consumer = consumer
+        self.inbox = workflow_queue(consumer)
+        self.publisher = publisher
+        self.dashboard = dashboard
+        self.log = logging.getLogger(f"edarun.{consumer}")
+
+    async def __call__(self, envelope: Envelope, failure: BaseException, acked: bool) -> None:
+        """The consumer's on_error layer hands a failed event over: to the workflow queue, with its
+        error, inside the failed call's span; then the original is acknowledged."""
+        delivery = envelope.delivery
+        headers = failure_headers(
+            delivery.headers, failure, consumer=self.consumer, queue=delivery.queue, attempt=envelope.attempt
+        )
+        try:
+            await self.publisher.send(self.inbox, delivery.body, delivery.message_id, headers)
+        except Exception as exc:
+            # The broker refused it for good (a connection problem is retried inside publish):
+            # parked, not requeued, which would fail the same way again and again.
+            self.log.warning("%s: %s not sent to the workflow (%s)", self.consumer, delivery.message_id, exc)
+            error = f"{describe(failure)}; not sent to the workflow: {exc}"
+            await self.dashboard.park(delivery, error, envelope.attempt, delivery.message_id, ack=not acked)
+            return
+        if not acked:
+            await delivery.ack()
+
+
 class WorkflowProcessor:
-    """The repair service of one consumer: reads `<consumer>.workflow`, repairs or parks."""
+    """The repair service of one consumer: reads `<consumer>.workflow`, repairs or parks.
+
+    A service of its own (`<consumer>.workflow`; its own OS process on RabbitMQ), with the interface
+    the runner watches a consumer by: `stats`, `held`, `in_flight`, `retries`, `start`, `drain`.
+    """
 
     def __init__(
         self,
@@ -102,7 +139,9 @@ class WorkflowProcessor:
         self.tracing = tracing
         self.publisher = publisher
         self.dashboard = dashboard
+        self.name = workflow_queue(consumer)
         self.stats = stats  # the consumer's: `repaired` and `parked` are counted there
+        self.retries = Retries()  # none: the interface the runner watches services by
         self.executor = executor
         self.log = logging.getLogger(f"edarun.{consumer}.workflow")
         # The pool's own counters (deliveries, workers), apart from the consumer's.
@@ -115,30 +154,18 @@ class WorkflowProcessor:
                 prefetch=10,
                 process=self._process,
                 stats=self.pool_stats,
+                after_each=self._after_each,
             )
         )
+        # Called after each delivery, before its acknowledgement leaves (runtime.counters).
+        self.mirror: Callable[[], None] | None = None
 
-    def start(self) -> None:
+    def start(self, count: int = 1, *, instances: int = 1) -> None:
         self.pool.start(1)
 
-    async def submit(self, envelope: Envelope, failure: BaseException, acked: bool) -> None:
-        """The consumer's on_error layer hands a failed event over: to the workflow queue, with its
-        error, inside the failed call's span; then the original is acknowledged."""
-        delivery = envelope.delivery
-        headers = failure_headers(
-            delivery.headers, failure, consumer=self.consumer, queue=delivery.queue, attempt=envelope.attempt
-        )
-        try:
-            await self.publisher.send(self.inbox, delivery.body, delivery.message_id, headers)
-        except Exception as exc:
-            # The broker refused it for good (a connection problem is retried inside publish):
-            # parked, not requeued, which would fail the same way again and again.
-            self.log.warning("%s: %s not sent to the workflow (%s)", self.consumer, delivery.message_id, exc)
-            error = f"{describe(failure)}; not sent to the workflow: {exc}"
-            await self.dashboard.park(delivery, error, envelope.attempt, delivery.message_id, ack=not acked)
-            return
-        if not acked:
-            await delivery.ack()
+    def _after_each(self) -> None:
+        if self.mirror is not None:
+            self.mirror()
 
     def held(self) -> int:
         return self.pool.held()
@@ -201,6 +228,8 @@ class WorkflowProcessor:
         except Exception as exc:
             await self._park(envelope, f"{error}; the repair failed too: {describe(exc)}", attempt, origin)
             return
+        for queue, out_event, priority in ctx.outbox:  # what the repair published, as a handler's
+            await self.publisher.publish(queue, out_event, priority=priority)
         if result is None:
             await self._park(envelope, f"{error}; the repair gave up", attempt, origin)
             return

@@ -20,19 +20,21 @@ from typing import Any
 from ..brokers import Broker, BrokerError, Depth, connect_url
 from ..config.loader import LoadedPipeline
 from ..patterns.flow import SLOW, FlowMonitor, monitor_name
-from ..patterns.priority import lane_queue, lane_rules
-from ..patterns.workflow import workflow_queue
+from ..patterns.priority import LaneRule, lane_queue, lane_rules
+from ..patterns.workflow import WorkflowProcessor, workflow_queue
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
 from . import loop as event_loop
 from .consumer import ConsumerService
 from .counters import SharedCounters
-from .dashboard import dashboard_queue
+from .dashboard import Dashboard, dashboard_queue
 from .producer import ProducerService
+from .publisher import Publisher
 from .stats import ConsumerStats, ProducerStats, RunStats
 from .supported import unsupported
 
 log = logging.getLogger("edarun")
+Service = ConsumerService | WorkflowProcessor  # what the runner starts, watches and drains
 
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 _POLL = 0.05
@@ -104,16 +106,17 @@ def queues_of(loaded: LoadedPipeline) -> list[str]:
     return list(dict.fromkeys([*with_lanes, *workflows]))
 
 
-def consumed_queues(loaded: LoadedPipeline, consumers: Sequence[str]) -> set[str]:
-    """The queues (and lanes) the named consumers read: where idle looks for work left."""
-    queues = set()
+def consumed_queues(
+    loaded: LoadedPipeline, consumers: Sequence[str], workflows: Sequence[str] = ()
+) -> set[str]:
+    """The queues (and lanes) the named consumers and workflow processors read: where idle looks
+    for work left."""
+    queues = set(workflows)  # a workflow processor's name is its queue's
     for name in consumers:
         spec = loaded.model.consumers[name]
         queues.add(spec.from_)
         if spec.priority_lane is not None:
             queues.add(lane_queue(spec.from_))
-        if spec.on_error.action == "workflow":
-            queues.add(workflow_queue(name))
     return queues
 
 
@@ -127,17 +130,23 @@ class Runner:
             raise RunError("\n".join(f"{loaded.path}: {p}" for p in problems), EXIT_INVALID)
         self.flow = {name: q.flow_control for name, q in model.queues.items() if q.flow_control is not None}
         monitors = {monitor_name(q): q for q in self.flow}
-        known = {*model.producers, *model.consumers, *monitors}
+        # Pattern 7: each workflow consumer's processor is a service of its own, named as its queue.
+        workflows = {
+            workflow_queue(n): n for n, c in model.consumers.items() if c.on_error.action == "workflow"
+        }
+        known = {*model.producers, *model.consumers, *monitors, *workflows}
         unknown = [n for n in options.only if n not in known]
         if unknown:
             raise RunError(
-                f"--only: no producer, consumer or flow monitor named {', '.join(map(repr, unknown))}",
+                f"--only: no service named {', '.join(map(repr, unknown))} (producers, consumers, "
+                "workflow processors <consumer>.workflow, flow monitors <queue>.flow)",
                 EXIT_INVALID,
             )
         selected = set(options.only) or known
         self.producer_names = [n for n in model.producers if n in selected]
         self.consumer_names = [n for n in model.consumers if n in selected]
         self.monitored = [queue for name, queue in monitors.items() if name in selected]
+        self.workflow_names = [name for name in workflows if name in selected]
         self.stats = RunStats(pipeline=model.name)
         self.stop_requested: asyncio.Event | None = None
         self.interrupted = False
@@ -188,12 +197,14 @@ class Runner:
         instances = 1 if self.options.single_service else spec.instances
         return (spec.concurrency or 1) * instances
 
-    def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[ConsumerService]]:
+    def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[Service]]:
         model, loaded = self.loaded.model, self.loaded
         lanes = lane_rules(model)
-        consumers = []
-        # Enough threads for every sync handler call that can run at once (autoscale's max too).
+        consumers: list[Service] = []
+        # Enough threads for every sync handler call that can run at once (autoscale's max too),
+        # and one for each workflow processor's repair calls.
         threads = sum(self._most_workers(model.consumers[n]) for n in self.consumer_names)
+        threads += len(self.workflow_names)
         self.executor = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="edarun-handler")
         for name in self.consumer_names:
             spec = model.consumers[name]
@@ -209,9 +220,10 @@ class Runner:
                     parked=self.stats.parked_events,
                     executor=self.executor,
                     lanes=lanes,
-                    repair=loaded.resolve(spec.on_error.repair) if spec.on_error.repair else None,
                 )
             )
+        for workflow in self.workflow_names:
+            consumers.append(self._workflow(workflow, broker, tracing, lanes))
         if self.options.counters is not None:
             mirror = SharedCounters(self.options.counters)
             everything = [*self.stats.consumers.values(), *self.stats.producers.values()]
@@ -262,6 +274,9 @@ class Runner:
             producers, consumers = self._build(broker, tracing)
             self.started = True
             for consumer in consumers:
+                if isinstance(consumer, WorkflowProcessor):
+                    consumer.start()
+                    continue
                 # A supervised consumer sizes itself; with several processes each takes its share.
                 instances = consumer.spec.instances if self.options.single_service else 1
                 consumer.start(self._workers(consumer.spec), instances=instances)
@@ -277,8 +292,8 @@ class Runner:
             for monitor in monitors:
                 monitor.stop()
             await asyncio.gather(*watching, return_exceptions=True)
-            for consumer in consumers:
-                await consumer.drain()
+            for consumer in consumers:  # consumers before workflow processors: their last
+                await consumer.drain()  # failures reach the workflow queue first
             await self._sample(broker)
         except RunError:
             raise
@@ -295,6 +310,22 @@ class Runner:
         if outcome == "interrupted":
             return EXIT_INTERRUPTED
         return EXIT_FAILURE if self.failed else EXIT_OK
+
+    def _workflow(
+        self, name: str, broker: Broker, tracing: Tracing, lanes: dict[str, LaneRule]
+    ) -> WorkflowProcessor:
+        """Pattern 7: the workflow processor of one consumer; it counts in the consumer's stats."""
+        consumer = name.removesuffix(".workflow")
+        spec = self.loaded.model.consumers[consumer]
+        assert spec.on_error.repair is not None
+        stats = self.stats.consumers.setdefault(consumer, ConsumerStats())
+        publisher = Publisher(broker, tracing, service=name, lanes=lanes)
+        return WorkflowProcessor(
+            consumer, spec.on_error, repair=self.loaded.resolve(spec.on_error.repair), queue=spec.from_,
+            broker=broker, tracing=tracing, publisher=publisher,
+            dashboard=Dashboard(publisher, consumer, stats, self.stats.parked_events), stats=stats,
+            executor=self.executor,
+        )  # fmt: skip
 
     def _monitor(self, broker: Broker, tracing: Tracing, queue: str) -> FlowMonitor:
         """Pattern 8: the flow monitor of one queue (its priority lane counts in its depth)."""
@@ -323,9 +354,9 @@ class Runner:
     async def _sample(self, broker: Broker) -> dict[str, int]:
         return {q: d.total for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
 
-    async def _watch(self, broker: Broker, consumers: list[ConsumerService]) -> str:
+    async def _watch(self, broker: Broker, consumers: list[Service]) -> str:
         assert self.stop_requested is not None
-        consumed = consumed_queues(self.loaded, self.consumer_names)
+        consumed = consumed_queues(self.loaded, self.consumer_names, self.workflow_names)
         view = self.options.view
         # A network broker may have handed a message out that has not reached us yet: idle must
         # hold on two polls in a row with nothing received in between.
@@ -333,8 +364,11 @@ class Runner:
         idle_seen: tuple[int, ...] | None = None
         while True:
             depths = await self._sample(broker)
+            held: dict[int, int] = {}  # a consumer and its workflow processor count in one stats
             for consumer in consumers:
-                consumer.stats.held = consumer.held()
+                held[id(consumer.stats)] = held.get(id(consumer.stats), 0) + consumer.held()
+            for consumer in consumers:
+                consumer.stats.held = held[id(consumer.stats)]
                 consumer.stats.pending_retries = len(consumer.retries.pending)
             if view is not None:
                 view.update(self.stats)
@@ -350,7 +384,7 @@ class Runner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_requested.wait(), poll)
 
-    def _idle(self, depths: dict[str, int], consumed: set[str], consumers: list[ConsumerService]) -> bool:
+    def _idle(self, depths: dict[str, int], consumed: set[str], consumers: list[Service]) -> bool:
         if not all(p.done for p in self.stats.producers.values()):
             return False
         if any(depths.get(q, 0) for q in consumed):

@@ -4,7 +4,8 @@ The stack, outermost first (written down here and nowhere else):
   trace → forwarding (when to ack) → decode (undecodable → dashboard) → dedupe (when set)
   → on_error (retry / park / workflow) → handler
 
-A consumer with `on_error: workflow(...)` also runs its workflow processor (patterns.workflow).
+A consumer with `on_error: workflow(...)` hands failed events to its workflow processor, a service
+of its own (patterns.workflow).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..patterns.forwarding import forwarding
 from ..patterns.ordering import OrderedWorkers
 from ..patterns.priority import PRIORITY, LaneRule, lane_queue
 from ..patterns.supervisor import Supervisor, describe_decision
-from ..patterns.workflow import WorkflowProcessor
+from ..patterns.workflow import WorkflowSender
 from ..telemetry import Tracing
 from ..types import CallNext, Envelope, Handler, Layer
 from .context import EMPTY_CONFIG, Context
@@ -58,7 +59,6 @@ class ConsumerService:
         executor: Executor,
         config: Mapping[str, Any] = EMPTY_CONFIG,
         lanes: Mapping[str, LaneRule] | None = None,
-        repair: Callable[..., Any] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -77,13 +77,9 @@ class ConsumerService:
         self.publisher = Publisher(broker, tracing, service=name, lanes=lanes)
         self.dashboard = Dashboard(self.publisher, name, stats, parked)
         self.retries = Retries()
-        self.workflow: WorkflowProcessor | None = None
+        self.workflow: WorkflowSender | None = None
         if spec.on_error.action == "workflow":
-            assert repair is not None, "a workflow policy names its repair function"
-            self.workflow = WorkflowProcessor(
-                name, spec.on_error, repair=repair, queue=self.queue, broker=broker, tracing=tracing,
-                publisher=self.publisher, dashboard=self.dashboard, stats=stats, executor=executor,
-            )  # fmt: skip
+            self.workflow = WorkflowSender(name, self.publisher, self.dashboard)
         # Called after each delivery, before its acknowledgement leaves (runtime.counters).
         self.mirror: Callable[[], None] | None = None
         self.prefetch = spec.prefetch or DEFAULT_PREFETCH
@@ -109,7 +105,7 @@ class ConsumerService:
                 tracing=self.tracing,
                 republish=self._republish,
                 in_place=self.spec.ordering is not None,
-                workflow=self.workflow.submit if self.workflow is not None else None,
+                workflow=self.workflow,
             ),
         ]
         call: CallNext = self._invoke
@@ -240,8 +236,6 @@ class ConsumerService:
             self.mirror()
 
     def start(self, count: int, *, instances: int = 1) -> None:
-        if self.workflow is not None:
-            self.workflow.start()
         policy = self.spec.autoscale
         if policy is None:
             self.pool.start(count)
@@ -263,12 +257,12 @@ class ConsumerService:
 
     def held(self) -> int:
         """Deliveries this service holds unsettled: the broker counts them as unacknowledged."""
-        return self.pool.held() + (self.workflow.held() if self.workflow is not None else 0)
+        return self.pool.held()
 
     @property
     def in_flight(self) -> int:
-        """Handler and repair calls running now."""
-        return self.stats.in_flight + (self.workflow.in_flight if self.workflow is not None else 0)
+        """Handler calls running now."""
+        return self.stats.in_flight
 
     async def drain(self) -> None:
         """Stop taking deliveries, let in-flight calls finish and acknowledge, flush retries."""
@@ -279,7 +273,3 @@ class ConsumerService:
         await self.pool.drain()
         await self.retries.flush()
         await self.pool.close()  # nothing should be left; whatever is goes back, marked
-        if self.workflow is not None:
-            # After the workers: their last failures reach the workflow queue first. A repair's
-            # resubmission waits in the consumer's queue for the next run.
-            await self.workflow.drain()

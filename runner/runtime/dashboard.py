@@ -38,9 +38,16 @@ def parked_record(message_id: str, headers: dict[str, Any], body: bytes) -> dict
         "consumer": headers.get(CONSUMER),
         "error": headers.get(ERROR),
         "attempts": headers.get(ATTEMPTS),
-        "parked_at": headers.get(PARKED_AT),
+        "parked_at": _seconds(headers.get(PARKED_AT)),
         "event": event,
     }
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class Dashboard:
@@ -71,7 +78,7 @@ class Dashboard:
             CONSUMER: self.consumer,
             QUEUE: queue or delivery.queue,
             ATTEMPTS: attempts,
-            PARKED_AT: time.time(),
+            PARKED_AT: f"{time.time():.3f}",  # text: AMQP would carry a float in 32 bits
         }
         # Published inside the failed call's span: the parking is the last step of the event's trace.
         await self.publisher.send(self.queue, delivery.body, message_id, headers)

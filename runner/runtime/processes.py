@@ -55,8 +55,9 @@ class Child:
     """One service process, across its restarts."""
 
     service: str
-    kind: str  # producer | consumer
+    kind: str  # producer | consumer | workflow | monitor
     instance: int
+    owner: str = ""  # a workflow processor's consumer: whose counts it adds to
     process: asyncio.subprocess.Process | None = None
     last: dict[str, Any] = field(default_factory=dict)  # the latest counters of this incarnation
     base: dict[str, int] = field(default_factory=dict)  # counters of earlier incarnations
@@ -72,9 +73,13 @@ class Child:
     def label(self) -> str:
         return f"{self.service}#{self.instance}" if self.kind == "consumer" else self.service
 
+    @property
+    def stats_key(self) -> str:
+        return self.owner or self.service
+
     def counters(self) -> dict[str, Any]:
         section = "producers" if self.kind == "producer" else "consumers"
-        return dict(self.last.get(section, {}).get(self.service, {}))
+        return dict(self.last.get(section, {}).get(self.stats_key, {}))
 
 
 class Supervisor:
@@ -90,11 +95,17 @@ class Supervisor:
                 self.children.append(Child(name, "consumer", instance))
         # Pattern 8: a flow monitor per flow-controlled queue, a service of its own.
         self.children += [Child(monitor_name(queue), "monitor", 1) for queue in self.plan.monitored]
+        # Pattern 7: a workflow processor per workflow consumer, a service of its own.
+        for name in self.plan.workflow_names:
+            self.children.append(Child(name, "workflow", 1, owner=name.removesuffix(".workflow")))
         self.stats = RunStats(pipeline=model.name)
         for name in self.plan.producer_names:
             self.stats.producers[name] = ProducerStats()
         for name in self.plan.consumer_names:
             self.stats.consumers[name] = ConsumerStats()
+        for child in self.children:
+            if child.kind == "workflow":
+                self.stats.consumers.setdefault(child.stats_key, ConsumerStats())
         self.stopping = False
         self.stop_requested = asyncio.Event()
         self._followers: set[asyncio.Task[None]] = set()
@@ -228,9 +239,9 @@ class Supervisor:
                 stats.done = child.done
         totals: dict[str, ConsumerStats] = {name: ConsumerStats() for name in self.stats.consumers}
         for child in self.children:
-            if child.kind != "consumer":
+            if child.kind not in ("consumer", "workflow"):
                 continue
-            counters, total = child.counters(), totals[child.service]
+            counters, total = child.counters(), totals[child.stats_key]
             for key in _SUMMED:
                 value = child.base.get(key, 0) + int(counters.get(key, 0))
                 setattr(total, key, getattr(total, key) + value)
@@ -258,7 +269,7 @@ class Supervisor:
                 await broker.declare(dashboard_queue(name))
             # Consumers first, so the first events find someone to take them; producers last, so a
             # flow monitor is there to tell them the state.
-            order = {"consumer": 0, "monitor": 1, "producer": 2}
+            order = {"consumer": 0, "workflow": 1, "monitor": 1, "producer": 2}
             for child in sorted(self.children, key=lambda c: order[c.kind]):
                 await self._spawn(child)
             started = True
@@ -288,8 +299,8 @@ class Supervisor:
         return {q: d.ready for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
 
     async def _watch(self, broker: Broker) -> str:
-        consumed = consumed_queues(self.loaded, self.plan.consumer_names)
-        consumers = [c for c in self.children if c.kind == "consumer"]
+        consumed = consumed_queues(self.loaded, self.plan.consumer_names, self.plan.workflow_names)
+        consumers = [c for c in self.children if c.kind in ("consumer", "workflow")]
         idle_seen: dict[str, tuple[int, int]] | None = None
         while True:
             depths = await self._sample(broker)

@@ -43,6 +43,18 @@ async def broken_repair(event, error, ctx):
     raise RuntimeError("the repair service is down")
 
 
+AUDIT = []
+
+
+def noisy_repair(event, error, ctx):
+    ctx.publish("audit", {"repairing": event["id"], "error": error})
+    return repair(event, error, ctx)
+
+
+def audit(event, ctx):
+    AUDIT.append(event["repairing"])
+
+
 def useless_repair(event, error, ctx):
     with _lock:
         REPAIRS.append((event["id"], error))
@@ -153,3 +165,36 @@ async def test_the_whole_journey_is_one_trace(factory: Any, run_pipeline: Any, t
     ]  # fmt: skip
     assert len(parked) == 10
     assert all(any(s["name"] == "send trader.dashboard" for s in spans) for spans in parked)
+
+
+async def test_what_a_repair_publishes_goes_out(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("wf_noisy", HANDLERS)
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: workflow-audit
+        plugins: [plugins]
+        producers:
+          feed: {{source: "{mod}:trades", to: trades}}
+        consumers:
+          trader: {{from: trades, handler: "{mod}:place", on_error: "workflow({mod}:noisy_repair)"}}
+          auditor: {{from: audit, handler: "{mod}:audit"}}
+        """
+    )
+    code, runner = await run_pipeline(path)
+    assert code == 0
+    # Every repair call published, the ones that gave up too (they returned, they did not raise).
+    assert sorted(factory.imported(mod).AUDIT) == [i for i in range(200) if i % 10 == 3]
+    assert runner.stats.consumers["trader"].repaired == 10
+
+
+def test_times_in_headers_survive_amqp() -> None:
+    """AMQP carries a float header in 32 bits: times travel as text."""
+    import pamqp.decode
+    import pamqp.encode
+
+    from runner.patterns.workflow import FIRST_FAILURE, failure_headers
+
+    headers = failure_headers({}, ValueError("x"), consumer="c", queue="q", attempt=1)
+    decoded = pamqp.decode.field_table(pamqp.encode.field_table(headers))[1]
+    assert abs(float(decoded[FIRST_FAILURE]) - float(headers[FIRST_FAILURE])) < 0.001

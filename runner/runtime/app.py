@@ -120,6 +120,16 @@ def consumed_queues(
     return queues
 
 
+def flow_controlled(loaded: LoadedPipeline, producer: str) -> bool:
+    """Does the producer publish to a queue with flow_control (pattern 8)?"""
+    spec = loaded.model.producers[producer]
+    targets = {spec.to} if spec.to else set()
+    if spec.route is not None:
+        targets |= {*spec.route.to.values(), *([spec.route.default] if spec.route.default else [])}
+    queues = loaded.model.queues
+    return any(t in queues and queues[t].flow_control is not None for t in targets)
+
+
 class Runner:
     def __init__(self, loaded: LoadedPipeline, options: RunOptions) -> None:
         self.loaded = loaded
@@ -241,7 +251,7 @@ class Runner:
                     source_function=loaded.resolve(source.function) if source.function else None,
                     broker=broker,
                     tracing=tracing,
-                    stats=self.stats.producers.setdefault(name, ProducerStats()),
+                    stats=self._producer_stats(name),
                     skip=self.options.skip.get(name, 0),
                     lanes=lanes,
                     flow=self.flow,
@@ -310,6 +320,11 @@ class Runner:
         if outcome == "interrupted":
             return EXIT_INTERRUPTED
         return EXIT_FAILURE if self.failed else EXIT_OK
+
+    def _producer_stats(self, name: str) -> ProducerStats:
+        stats = self.stats.producers.setdefault(name, ProducerStats())
+        stats.flow_controlled = flow_controlled(self.loaded, name)
+        return stats
 
     def _workflow(
         self, name: str, broker: Broker, tracing: Tracing, lanes: dict[str, LaneRule]

@@ -16,7 +16,7 @@ from typing import Any
 
 FIELDS = (
     "processed", "priority", "failed", "retried", "repaired", "parked", "received", "duplicates", "restarts",
-    "published", "rejected", "confirmed",
+    "published", "rejected", "confirmed", "delayed",
 )  # fmt: skip
 _LAYOUT = struct.Struct(f"<{len(FIELDS)}q")
 

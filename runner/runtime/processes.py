@@ -34,6 +34,7 @@ from .app import (
     Runner,
     RunOptions,
     consumed_queues,
+    flow_controlled,
     queues_of,
     sample_depths,
 )
@@ -100,7 +101,7 @@ class Supervisor:
             self.children.append(Child(name, "workflow", 1, owner=name.removesuffix(".workflow")))
         self.stats = RunStats(pipeline=model.name)
         for name in self.plan.producer_names:
-            self.stats.producers[name] = ProducerStats()
+            self.stats.producers[name] = ProducerStats(flow_controlled=flow_controlled(loaded, name))
         for name in self.plan.consumer_names:
             self.stats.consumers[name] = ConsumerStats()
         for child in self.children:
@@ -169,6 +170,10 @@ class Supervisor:
                 line = json.loads(raw)
             except json.JSONDecodeError:
                 continue  # a stray print from a handler; counters are JSON lines only
+            # A line carries the parked events and flow changes since the one before: keep those
+            # the supervisor has not merged yet rather than lose them to the newer line.
+            for key in ("parked", "flow"):
+                line[key] = [*child.last.get(key, []), *line.get(key, [])]
             child.last = line
             child.seq += 1
         code = await process.wait()
@@ -211,7 +216,7 @@ class Supervisor:
             if key != "restarts" or child.kind == "consumer":
                 counters[key] = max(int(counters.get(key, 0)), value)
         path.unlink(missing_ok=True)
-        for key in ("published", "rejected", *_SUMMED):
+        for key in ("published", "rejected", "delayed", *_SUMMED):
             if key in counters:
                 child.base[key] = child.base.get(key, 0) + int(counters[key])
         if child.kind == "producer":
@@ -236,6 +241,7 @@ class Supervisor:
                 stats = self.stats.producers[child.service]
                 stats.published = child.base.get("published", 0) + int(counters.get("published", 0))
                 stats.rejected = child.base.get("rejected", 0) + int(counters.get("rejected", 0))
+                stats.delayed = child.base.get("delayed", 0) + int(counters.get("delayed", 0))
                 stats.done = child.done
         totals: dict[str, ConsumerStats] = {name: ConsumerStats() for name in self.stats.consumers}
         for child in self.children:

@@ -13,6 +13,7 @@ class ProducerStats:
     rejected: int = 0
     confirmed: int = 0  # leading source events all settled: where a restart resumes
     delayed: int = 0  # events held back by flow control (pattern 8)
+    flow_controlled: bool = False  # it publishes to a queue with flow_control: `delayed` is reported
     done: bool = False
 
 
@@ -71,7 +72,12 @@ class RunStats:
             "pipeline": self.pipeline,
             "elapsed_s": round(self.elapsed, 3),
             "producers": {
-                name: {"published": s.published, "rejected": s.rejected} for name, s in self.producers.items()
+                name: {
+                    "published": s.published,
+                    "rejected": s.rejected,
+                    **({"delayed": s.delayed} if s.flow_controlled else {}),
+                }
+                for name, s in self.producers.items()
             },
             "consumers": {
                 name: {

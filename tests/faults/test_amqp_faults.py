@@ -138,7 +138,7 @@ def test_a_killed_flow_monitor_comes_back_and_resumes(scenario: Scenario, tmp_pa
     assert code == 0, scenario.stderr(report)
     data = read_report(report)
     assert data["consumers"][consumer]["processed"] == 4000
-    assert data["producers"][producer] == {"published": 4000, "rejected": 0}
+    assert data["producers"][producer]["published"] == 4000 and data["producers"][producer]["delayed"] > 0
     # The restarted monitor said the state it found (a restart's first word counts as a change),
     # and the producer was not left slowed: 4,000 events at one per 20 ms would take 80 s.
     after = [c for c in data["flow"] if c["at_s"] > killed_at - began]

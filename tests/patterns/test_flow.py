@@ -65,7 +65,7 @@ async def test_flow_control_keeps_the_queue_shallow(factory: Any, run_pipeline: 
     states = [change["state"] for change in flow]
     assert states[:2] == ["slow", "resume"] and len(states) >= 4, flow
     assert all(c["queue"] == "orders" and c["at_s"] >= 0 for c in flow)
-    assert runner.stats.producers["feed"].delayed > 0
+    assert runner.stats.report("idle")["producers"]["feed"]["delayed"] > 0
 
 
 async def test_without_flow_control_the_queue_grows(factory: Any, run_pipeline: Any) -> None:

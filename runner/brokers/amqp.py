@@ -179,7 +179,11 @@ class AmqpSubscription:
 
     @property
     def held(self) -> int:
-        """Deliveries received and not yet settled."""
+        """Deliveries received and not yet settled. None once their channel died: the broker has
+        taken them back (and may have given them to another consumer), whatever this one got."""
+        underlay = self._underlay
+        if underlay is None or underlay.is_closed:
+            return 0
         return len(self._outstanding) - len(self._settled)
 
     def _current(self, channel: Any, tag: int) -> bool:

@@ -32,13 +32,13 @@ from typing import Any
 
 import orjson
 
-from ..brokers import Broker
+from ..brokers import Broker, BrokerError
 from ..config.models import OnError
 from ..runtime.context import Context
 from ..runtime.dashboard import ATTEMPTS, CONSUMER, ERROR, QUEUE, Dashboard
 from ..runtime.failures import Retries, describe
 from ..runtime.pool import IndependentWorkers, PoolSettings
-from ..runtime.publisher import ATTEMPT, Publisher
+from ..runtime.publisher import ATTEMPT, Publisher, PublishError
 from ..runtime.stats import ConsumerStats
 from ..telemetry import Tracing
 from ..types import Envelope
@@ -49,6 +49,8 @@ REPAIRS = "x-edarun-repairs"  # repairs this event has had so far
 HISTORY = "x-edarun-errors"  # every error of the event so far, one per line
 # Headers of the failure itself: the corrected event does not carry them on.
 _FAILURE = (ERROR, ERROR_TYPE, CONSUMER, QUEUE, ATTEMPTS, "traceparent", "tracestate")
+# An ordered lane's numbering (patterns.priority) belongs to the first publish, not to a resubmission.
+_SEQUENCED = ("x-edarun-seq", "x-edarun-after")
 
 Republish = Callable[[str, bytes, str, dict[str, Any]], Any]
 
@@ -228,30 +230,42 @@ class WorkflowProcessor:
         except Exception as exc:
             await self._park(envelope, f"{error}; the repair failed too: {describe(exc)}", attempt, origin)
             return
-        for queue, out_event, priority in ctx.outbox:  # what the repair published, as a handler's
-            await self.publisher.publish(queue, out_event, priority=priority)
-        if result is None:
-            await self._park(envelope, f"{error}; the repair gave up", attempt, origin)
-            return
-        if not isinstance(result, dict):
+        if result is not None and not isinstance(result, dict):
             kind = type(result).__name__
             await self._park(envelope, f"{error}; the repair returned {kind}, not a dict", attempt, origin)
             return
-        out = {k: v for k, v in headers.items() if k not in _FAILURE}
-        out[ATTEMPT] = attempt + 1
-        out[REPAIRS] = repairs + 1
-        self._decided(envelope, "resubmit")
-        # A new message id: the corrected event is a new message of the same trace.
-        await self.publisher.publish(
-            self.queue if origin == self.inbox else origin,
-            result,
-            message_id=f"{delivery.message_id}.r{repairs + 1}",
-            headers=out,
-        )
+        try:
+            # Encoded before anything goes out: an event the broker cannot take is parked whole,
+            # never half published and never retried in a loop.
+            if result is not None:
+                orjson.dumps(result)
+            for queue, out_event, priority in ctx.outbox:  # what the repair published, as a handler's
+                await self.publisher.publish(queue, out_event, priority=priority)
+            if result is None:
+                await self._park(envelope, f"{error}; the repair gave up", attempt, origin)
+                return
+            out = {k: v for k, v in headers.items() if k not in _FAILURE and k not in _SEQUENCED}
+            out[ATTEMPT] = attempt + 1
+            out[REPAIRS] = repairs + 1
+            self._decided(envelope, "resubmit")
+            # To the consumer's queue, whichever lane it failed on: the lane rule decides again.
+            # A new message id: the corrected event is a new message of the same trace.
+            await self.publisher.publish(
+                self.queue, result, message_id=f"{delivery.message_id}.r{repairs + 1}", headers=out
+            )
+        except (PublishError, BrokerError, TypeError) as exc:
+            await self._park(
+                envelope, f"{error}; the repair's result was not published: {exc}", attempt, origin
+            )
+            return
         self.stats.repaired += 1
         await envelope.ack()
-        self.log.info("%s: event %s repaired; resubmitted as attempt %d", self.consumer, delivery.message_id,
-                      attempt + 1)  # fmt: skip
+        self.log.info(
+            "%s: event %s repaired; resubmitted as attempt %d",
+            self.consumer,
+            delivery.message_id,
+            attempt + 1,
+        )
 
     async def _park(self, envelope: Envelope, error: str, attempt: int, origin: str) -> None:
         self._decided(envelope, "park")

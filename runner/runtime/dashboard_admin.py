@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from ..brokers import BrokerError, connect_url
 from ..config.loader import LoadedPipeline
-from ..patterns.priority import lane_rules
+from ..patterns.priority import AFTER, SEQUENCE, lane_rules
 from ..patterns.workflow import ERROR_TYPE, HISTORY, REPAIRS
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
@@ -30,7 +30,7 @@ from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queue_types
 from .dashboard import ATTEMPTS, CONSUMER, ERROR, PARKED_AT, QUEUE, dashboard_queue, parked_record
 from .publisher import ATTEMPT, Publisher
 
-_NOT_CARRIED = {ERROR, ERROR_TYPE, CONSUMER, QUEUE, ATTEMPTS, PARKED_AT, HISTORY, REPAIRS}
+_NOT_CARRIED = {ERROR, ERROR_TYPE, CONSUMER, QUEUE, ATTEMPTS, PARKED_AT, HISTORY, REPAIRS, SEQUENCE, AFTER}
 
 
 @dataclass
@@ -113,6 +113,8 @@ class DashboardAdmin:
                     EXIT_INVALID,
                 )
             queue = record["queue"] or self.loaded.model.consumers[record["consumer"]].from_
+            lanes = {rule.lane: name for name, rule in lane_rules(self.loaded.model).items()}
+            queue = lanes.get(queue, queue)  # a priority event goes back through its lane's rule
             attempts = record["attempts"] if isinstance(record["attempts"], int) else 1
             headers = {k: v for k, v in (parked.message.headers or {}).items() if k not in _NOT_CARRIED}
             headers[ATTEMPT] = attempts + 1

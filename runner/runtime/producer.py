@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..brokers import Broker, BrokerError
+from ..brokers import Broker
 from ..config.expr import predicate
 from ..config.models import FlowControl, Producer
 from ..patterns.flow import FlowListener
@@ -16,7 +16,8 @@ from ..patterns.priority import LaneRule
 from ..patterns.routing import NoRoute, Router
 from ..telemetry import Tracing
 from .context import SourceContext
-from .publisher import Publisher, PublishError
+from .failures import describe
+from .publisher import Publisher
 from .sources import SourceError, open_source
 from .stats import ProducerStats
 
@@ -80,6 +81,7 @@ class ProducerService:
                 await listener.ready()  # learn the flow state before the first publish
             await self._run()
         finally:
+            self.stats.done = True  # also when it failed before its first event: idle must not wait
             for listener in self.flow.values():
                 await listener.close()
 
@@ -170,9 +172,9 @@ class ConfirmWindow:
             marked = marks is not None and marks(event)
             extra: dict[str, object] | None = {"edarun.flow.delayed": delayed} if delayed else None
             await producer.publisher.publish(queue, event, root=True, priority=marked, attributes=extra)
-        except (PublishError, BrokerError) as exc:
+        except Exception as exc:  # a broker's refusal, or anything else: counted, never fatal
             self.stats.rejected += 1
-            producer.log.error("%s: publish failed: %s", producer.name, exc)
+            producer.log.error("%s: publish failed: %s", producer.name, describe(exc))
         else:
             self.stats.published += 1
         self.settled(index)

@@ -103,7 +103,8 @@ class Publisher:
         priority = rule.is_priority(event, marked)
         if rule.order_by is not None:
             context = lookup(event, rule.order_by)
-            if context is not None:
+            # As the consumer's dispatcher: only a string, number or boolean is a context.
+            if isinstance(context, str | int | float | bool):
                 sequencer = self._sequencers.get(rule.queue)
                 if sequencer is None:
                     sequencer = self._sequencers[rule.queue] = Sequencer(self._prefix.rstrip("-"))

@@ -522,3 +522,26 @@ def test_a_lane_has_its_queues_type(factory: Any) -> None:
     loaded = load_pipeline(path)
     assert queues_of(loaded) == ["work", "work.priority"]
     assert queue_types(loaded) == {"work": "quorum", "work.priority": "quorum"}
+
+
+async def test_an_event_whose_context_is_not_a_value_still_goes(factory: Any, run_pipeline: Any) -> None:
+    """A list or an object in the ordering field is no context (as the dispatcher sees it)."""
+    mod = factory.module(
+        "odd_context",
+        HANDLERS
+        + """
+
+def odd():
+    yield {"id": 1, "kind": "PLACE", "account": "A"}
+    yield {"id": 2, "kind": "PLACE", "account": ["A", "B"]}
+    yield {"id": 3, "kind": "CANCEL", "account": {"nested": 1}}
+    yield {"id": 4, "kind": "CANCEL", "account": "A"}
+""",
+    )
+    path = lane_pipeline(
+        factory, mod, "when(kind == 'CANCEL')", source="odd", extra="ordering: by_context(account)"
+    )
+    code, runner = await run_pipeline(path)
+    assert code == 0
+    assert sorted(e[0] for e in factory.imported(mod).LOG) == [1, 2, 3, 4]
+    assert runner.stats.producers["feed"].published == 4

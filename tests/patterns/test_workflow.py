@@ -46,6 +46,15 @@ async def broken_repair(event, error, ctx):
 AUDIT = []
 
 
+def unencodable_repair(event, error, ctx):
+    return {**event, "shares": 1, "tags": {1, 2}}  # a set: not JSON
+
+
+def misdirected_repair(event, error, ctx):
+    ctx.publish("no-such-queue", {"id": event["id"]})
+    return {**event, "shares": 1}
+
+
 def noisy_repair(event, error, ctx):
     ctx.publish("audit", {"repairing": event["id"], "error": error})
     return repair(event, error, ctx)
@@ -198,3 +207,15 @@ def test_times_in_headers_survive_amqp() -> None:
     headers = failure_headers({}, ValueError("x"), consumer="c", queue="q", attempt=1)
     decoded = pamqp.decode.field_table(pamqp.encode.field_table(headers))[1]
     assert abs(float(decoded[FIRST_FAILURE]) - float(headers[FIRST_FAILURE])) < 0.001
+
+
+async def test_a_repair_that_cannot_be_published_is_parked_not_looped(
+    factory: Any, run_pipeline: Any
+) -> None:
+    for repair_name in ("unencodable_repair", "misdirected_repair"):
+        mod = factory.module(f"wf_{repair_name}", HANDLERS)
+        code, runner = await run_pipeline(workflow_pipeline(factory, mod, repair=repair_name))
+        assert code == 0
+        trader = runner.stats.report("idle")["consumers"]["trader"]
+        assert (trader["processed"], trader["repaired"], trader["parked"]) == (180, 0, 20), repair_name
+        assert all("the repair's result was not published" in p["error"] for p in runner.stats.parked_events)

@@ -252,6 +252,23 @@ def test_connections_closed_under_ordered_lanes_keep_each_cancel_after_its_place
     assert lanes["priority"] >= len(cancels), lanes
 
 
+def test_idle_after_a_reconnect_late_in_the_run(
+    scenario: Scenario, tmp_path: Path, broker_control: Callable[..., None]
+) -> None:
+    """The last deliveries of a dead channel go back to the broker, which may give them all to one
+    of the consumer's subscriptions: the others must not count them as held for ever."""
+    events = 40
+    scenario.write(events=events, rate=None, consumer={"prefetch": 10, "concurrency": 4}, sleep=0.25)
+    report = tmp_path / "report.json"
+    up = scenario.up(report)
+    scenario.wait_calls(events // 3, up)
+    broker_control("close_all_connections", "--global", "fault test")
+    code = scenario.finish(up, report)  # fails the test if `up` does not end
+    assert code == 0, scenario.stderr(report)
+    assert scenario.calls().ids == set(range(events))
+    assert read_report(report)["outcome"] == "idle"
+
+
 def test_sigterm_drains_and_a_second_run_finishes_without_duplicates(
     scenario: Scenario, tmp_path: Path
 ) -> None:

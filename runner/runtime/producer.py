@@ -91,7 +91,9 @@ class ProducerService:
         interval = 1.0 / spec.rate if spec.rate else 0.0
         next_at = loop.time()
         taken = 0
-        window = ConfirmWindow(self, self.window)
+        # A flow-controlled producer keeps few publishes in flight: those already taken from the
+        # source still go out after the monitor says "slow", and they add to the overshoot.
+        window = ConfirmWindow(self, min(self.window, FLOW_WINDOW) if self.flow else self.window)
         source = open_source(self.source_file, self.source_function, SourceContext(self.name, self.log))
         try:
             async for item in source:
@@ -135,6 +137,9 @@ class ProducerService:
         finally:
             await source.aclose()  # type: ignore[attr-defined]
             stats.done = True
+
+
+FLOW_WINDOW = 16
 
 
 class ConfirmWindow:

@@ -161,6 +161,7 @@ class WorkflowProcessor:
         )
         # Called after each delivery, before its acknowledgement leaves (runtime.counters).
         self.mirror: Callable[[], None] | None = None
+        self._restarts_seen = 0
 
     def start(self, count: int = 1, *, instances: int = 1) -> None:
         self.pool.start(1)
@@ -170,7 +171,16 @@ class WorkflowProcessor:
             self.mirror()
 
     def held(self) -> int:
+        # The runner asks every poll: the moment to carry the pool's restarts (a repair that took
+        # its worker down) over to the consumer's counts, where the report shows them.
+        self._sync_restarts()
         return self.pool.held()
+
+    def _sync_restarts(self) -> None:
+        new = self.pool_stats.restarts - self._restarts_seen
+        if new:
+            self.stats.restarts += new
+            self._restarts_seen += new
 
     @property
     def in_flight(self) -> int:
@@ -179,6 +189,7 @@ class WorkflowProcessor:
     async def drain(self) -> None:
         await self.pool.drain()
         await self.pool.close()
+        self._sync_restarts()
 
     async def _process(self, envelope: Envelope) -> None:
         delivery = envelope.delivery

@@ -46,6 +46,16 @@ async def broken_repair(event, error, ctx):
 AUDIT = []
 
 
+DIED = []
+
+
+def dying_repair(event, error, ctx):
+    if not DIED:
+        DIED.append(event["id"])
+        raise SystemExit("the repair took its worker down")
+    return repair(event, error, ctx)
+
+
 def unencodable_repair(event, error, ctx):
     return {**event, "shares": 1, "tags": {1, 2}}  # a set: not JSON
 
@@ -219,3 +229,12 @@ async def test_a_repair_that_cannot_be_published_is_parked_not_looped(
         trader = runner.stats.report("idle")["consumers"]["trader"]
         assert (trader["processed"], trader["repaired"], trader["parked"]) == (180, 0, 20), repair_name
         assert all("the repair's result was not published" in p["error"] for p in runner.stats.parked_events)
+
+
+async def test_a_repair_that_kills_its_worker_is_counted_and_retried(factory: Any, run_pipeline: Any) -> None:
+    mod = factory.module("wf_dying", HANDLERS)
+    code, runner = await run_pipeline(workflow_pipeline(factory, mod, repair="dying_repair"))
+    assert code == 0
+    trader = runner.stats.report("idle")["consumers"]["trader"]
+    assert trader["restarts"] == 1
+    assert (trader["repaired"], trader["parked"]) == (10, 10)  # the dead worker's event came again

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .config.models import Pipeline, Producer
+from .config.models import Pipeline
 from .patterns.priority import lane_queue, lane_rules
 from .patterns.workflow import workflow_queue
 from .redact import redact_url
@@ -44,7 +44,7 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
     for name, producer in model.producers.items():
         node = f"p_{name}"
         nodes[node] = (name, "producer")
-        for target in sorted(_targets(producer)):
+        for target in producer.targets:
             control_spec = model.queues.get(target)
             if control_spec is not None and control_spec.flow_control is not None:
                 edges.append((f"x_{target}", node, "flow"))
@@ -80,12 +80,6 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
         else:
             edges.append((node, queue(f"{name}.dashboard", "dashboard"), "parked"))
     return nodes, edges
-
-
-def _targets(producer: Producer) -> set[str]:
-    if producer.route is not None:
-        return {*producer.route.to.values(), *([producer.route.default] if producer.route.default else [])}
-    return {producer.to} if producer.to else set()
 
 
 def _id(node: str) -> str:

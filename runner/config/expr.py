@@ -216,42 +216,32 @@ class _Simple:
         return None
 
     def _or(self) -> Node:
-        parts = [self._and()]
-        while self._take("||"):
-            parts.append(self._and())
-        if len(parts) == 1:
-            return parts[0]
-
-        def any_of(event: dict[str, Any]) -> Any:
-            outcome: Any = False
-            for part in parts:
-                value = _boolean(part(event))
-                if value is True:
-                    return True
-                if value is not False and outcome is not _CEL:
-                    outcome = value  # an error, unless another part holds
-            return outcome
-
-        return any_of
+        return self._chain("||", self._and, decisive=True)
 
     def _and(self) -> Node:
-        parts = [self._unary()]
-        while self._take("&&"):
-            parts.append(self._unary())
+        return self._chain("&&", self._unary, decisive=False)
+
+    def _chain(self, op: str, operand: Callable[[], Node], *, decisive: bool) -> Node:
+        """`a op b op …`; a part worth `decisive` decides the whole (True for ||, False for &&).
+        Otherwise an error wins over the other value, unless CEL has to be asked: as CEL absorbs
+        an error when another part decides."""
+        parts = [operand()]
+        while self._take(op):
+            parts.append(operand())
         if len(parts) == 1:
             return parts[0]
 
-        def all_of(event: dict[str, Any]) -> Any:
-            outcome: Any = True
+        def chained(event: dict[str, Any]) -> Any:
+            outcome: Any = not decisive
             for part in parts:
                 value = _boolean(part(event))
-                if value is False:
-                    return False
-                if value is not True and outcome is not _CEL:
-                    outcome = value  # an error, unless another part fails
+                if value is decisive:
+                    return decisive
+                if value is not (not decisive) and outcome is not _CEL:
+                    outcome = value  # an error, unless another part decides
             return outcome
 
-        return all_of
+        return chained
 
     def _unary(self) -> Node:
         if self._take("!"):

@@ -133,6 +133,17 @@ class Producer(Model):
             raise ValueError("expected exactly one of 'to' and 'route'")
         return self
 
+    @property
+    def targets(self) -> list[str]:
+        """Every queue it may publish to, in the order the file names them."""
+        if self.route is not None:
+            return list(
+                dict.fromkeys(
+                    [*self.route.to.values(), *([self.route.default] if self.route.default else [])]
+                )
+            )
+        return [self.to] if self.to else []
+
 
 class Consumer(Model):
     """A service that takes events from a queue and calls a handler for each."""

@@ -91,13 +91,7 @@ def queues_of(loaded: LoadedPipeline) -> list[str]:
     model = loaded.model
     names: list[str] = list(model.queues)
     for producer in model.producers.values():
-        if producer.to:
-            names.append(producer.to)
-        if producer.route:
-            names += [
-                *producer.route.to.values(),
-                *([producer.route.default] if producer.route.default else []),
-            ]
+        names += producer.targets
     for consumer in model.consumers.values():
         names += [consumer.from_, *([consumer.emit] if consumer.emit else [])]
     laned = lane_rules(model)
@@ -122,11 +116,8 @@ def consumed_queues(
 
 def flow_controlled(loaded: LoadedPipeline, producer: str) -> bool:
     """Does the producer publish to a queue with flow_control (pattern 8)?"""
-    spec = loaded.model.producers[producer]
-    targets = {spec.to} if spec.to else set()
-    if spec.route is not None:
-        targets |= {*spec.route.to.values(), *([spec.route.default] if spec.route.default else [])}
     queues = loaded.model.queues
+    targets = loaded.model.producers[producer].targets
     return any(t in queues and queues[t].flow_control is not None for t in targets)
 
 

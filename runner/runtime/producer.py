@@ -55,7 +55,7 @@ class ProducerService:
         self.flow = {
             q: FlowListener(q, policy, producer=name)
             for q, policy in (flow or {}).items()
-            if q in self.targets()
+            if q in spec.targets
         }
         self.mirror: Callable[[], None] | None = None  # see runtime.counters
 
@@ -65,13 +65,6 @@ class ProducerService:
             return self.router.target(event)
         assert self.spec.to is not None  # the model requires one of `to` and `route`
         return self.spec.to
-
-    def targets(self) -> set[str]:
-        """Every queue this producer may publish to."""
-        spec = self.spec
-        if spec.route is not None:
-            return {*spec.route.to.values(), *([spec.route.default] if spec.route.default else [])}
-        return {spec.to} if spec.to else set()
 
     async def run(self) -> None:
         try:

@@ -104,8 +104,6 @@ def up(
     from .runtime.live import LiveView, LogView
 
     loaded = _load(pipeline)
-    if reload:
-        _fail("--reload needs watch notification (pattern 4), which this version does not run yet", 2)
     if traces is not None:
         from .config.policy import PolicySyntaxError, parse_traces
 
@@ -131,6 +129,7 @@ def up(
         traces=traces,
         connect_timeout=connect_timeout,
         view=view,
+        reload=reload,
     )
     url = broker or loaded.model.broker
     try:
@@ -158,12 +157,18 @@ def service(
     counters: Annotated[Path | None, typer.Option(help="mirror the counters into this file")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
     restarted: Annotated[bool, typer.Option(help="started again after it died")] = False,
+    reload: Annotated[bool, typer.Option(help="follow edited policies (up --reload)")] = False,
+    text: Annotated[Path | None, typer.Option(help="the pipeline as up runs it (a copy)")] = None,
 ) -> None:
     """Run one service of a pipeline in this process (what `up` starts per service on RabbitMQ)."""
     from .runtime.app import RunError, RunOptions
     from .runtime.service import run_service
 
-    loaded = _load(pipeline)
+    # The supervisor's copy of the file: a service restarted after an edit runs what the others run.
+    try:
+        loaded = load_pipeline(pipeline, text=text.read_text(encoding="utf-8") if text else None)
+    except PipelineError as exc:
+        _fail("\n".join(exc.lines), 2)
     logging.basicConfig(
         level=logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",  # the supervisor relays it, naming the service
@@ -172,7 +177,7 @@ def service(
     _quiet_libraries(verbose=False)
     options = RunOptions(
         broker=broker, traces=traces, connect_timeout=connect_timeout, skip={name: skip}, counters=counters,
-        restarted=restarted,
+        restarted=restarted, reload=reload, instance=instance,
     )  # fmt: skip
     try:
         code = run_service(loaded, name, options)
@@ -205,6 +210,41 @@ def graph(
     loaded = _load(pipeline)
     render = topology.mermaid if format is GraphFormat.mermaid else topology.dot
     out.print(redact_text(render(loaded.model)), markup=False, end="")
+
+
+class ConfigAction(StrEnum):
+    set = "set"
+    get = "get"
+
+
+@app.command()
+def config(
+    pipeline: PipelineArg,
+    action: Annotated[ConfigAction, typer.Argument(help="set KEY VALUE | get [KEY]")],
+    key: Annotated[str | None, typer.Argument(metavar="KEY", help="a config key")] = None,
+    value: Annotated[str | None, typer.Argument(metavar="VALUE", help="set: JSON, or else text")] = None,
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+) -> None:
+    """The values services watch (pattern 4): set one, or get them (prints JSON)."""
+    from .runtime.app import RunError
+    from .runtime.config_admin import parse_value, run_config
+
+    loaded = _load(pipeline)
+    if action is ConfigAction.set and (key is None or value is None):
+        _fail("config set: give KEY and VALUE (VALUE is read as JSON when it parses, else as text)", 2)
+    if action is ConfigAction.get and value is not None:
+        _fail("config get takes at most one KEY", 2)
+    try:
+        if action is ConfigAction.set:
+            result, notes = run_config(loaded, broker, connect_timeout, "set", key, parse_value(value or ""))
+        else:
+            result, notes = run_config(loaded, broker, connect_timeout, "get", key)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
+    out.print(json.dumps(result, indent=None if action is ConfigAction.set else 2), markup=False)
+    for note in notes:
+        err.print(note, markup=False)
 
 
 @app.command()

@@ -36,6 +36,7 @@ class LoadedPipeline:
     path: Path
     base_dir: Path
     plugin_dirs: tuple[Path, ...]
+    text: str = ""  # the file's content as loaded (services started later run this, not an edit)
 
     def resolve(self, ref: str) -> Any:
         """The function a `module:function` reference names, imported from the plugin folders."""
@@ -185,12 +186,17 @@ def _validate(doc: Document, errors: _Errors) -> tuple[Pipeline | None, bool]:
 
 
 def load_pipeline(
-    path: str | Path, *, env: Mapping[str, str] | None = None, check_refs: bool = True
+    path: str | Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    check_refs: bool = True,
+    text: str | None = None,
 ) -> LoadedPipeline:
-    """Read and validate a pipeline file; raises PipelineError listing every problem."""
+    """Read and validate a pipeline file; raises PipelineError listing every problem. With `text`,
+    that is the file's content (an earlier copy); paths in it are still relative to `path`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text is None else text
     except FileNotFoundError:
         raise PipelineError([f"{path}: no such file"]) from None
     except IsADirectoryError:
@@ -224,4 +230,5 @@ def load_pipeline(
         path=path,
         base_dir=base_dir,
         plugin_dirs=refs.plugin_folders(base_dir, model.plugins),
+        text=text,
     )

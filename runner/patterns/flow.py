@@ -120,8 +120,19 @@ class FlowMonitor:
                 "%s: flow state not announced (%s); trying again in %.2fs", self.queue, exc, self.policy.every
             )
 
+    def apply_policy(self, policy: FlowControl) -> None:
+        """New thresholds (edarun up --reload): the next poll decides by them, and the next word
+        tells producers the new delay."""
+        if policy != self.policy:
+            log.info("%s: flow control now %s", self.queue, _describe(policy))
+            self.policy = policy
+
     def stop(self) -> None:
         self.stopping.set()
+
+
+def _describe(policy: FlowControl) -> str:
+    return f"upper {policy.upper} lower {policy.resume_at} delay {policy.delay:g}s every {policy.every:g}s"
 
 
 class FlowListener:
@@ -132,6 +143,7 @@ class FlowListener:
         self.policy = policy
         self.producer = producer
         self.state = NORMAL
+        self.said_delay: float | None = None  # the delay the monitor says: its policy is current
         self.heard_at: float | None = None  # loop time of the last word from a monitor
         self.heard = asyncio.Event()
         self.subscription: Subscription | None = None
@@ -162,6 +174,8 @@ class FlowListener:
                     self.queue,
                 )
             self.state = state
+            delay = word.get("delay")
+            self.said_delay = float(delay) if isinstance(delay, int | float) and delay >= 0 else None
             self.heard_at = loop.time()
             self._warned = False
             self.heard.set()
@@ -188,7 +202,7 @@ class FlowListener:
                     "%s: the flow monitor of %s went silent; back to full speed", self.producer, self.queue
                 )
             return 0.0
-        return self.policy.delay
+        return self.policy.delay if self.said_delay is None else self.said_delay
 
     async def close(self) -> None:
         if self._task is not None:

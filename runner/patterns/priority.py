@@ -76,6 +76,14 @@ def lane_rules(model: Pipeline) -> dict[str, LaneRule]:
     return rules
 
 
+def update_rules(rules: dict[str, LaneRule], model: Pipeline) -> None:
+    """Adopt `model`'s lane expressions in `rules`, the dict every publisher of this process reads
+    (edarun up --reload). Which queues have a lane does not change live."""
+    for queue, rule in lane_rules(model).items():
+        if queue in rules and rules[queue] != rule:
+            rules[queue] = rule
+
+
 def lanes_of(model: Pipeline) -> list[str]:
     return [rule.lane for rule in lane_rules(model).values()]
 

@@ -64,14 +64,13 @@ class Supervisor:
         self.below_since: float | None = None  # since when fewer consumers would do
 
     async def run(self) -> None:
-        policy = self.policy
         while not self.stopping.is_set():
             depth = 0
             for queue in self.queues:
                 depth += (await self.broker.depth(queue)).ready
             self.adjust(depth)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), policy.every)
+            with contextlib.suppress(TimeoutError):  # the policy may have changed (--reload)
+                await asyncio.wait_for(self.stopping.wait(), self.policy.every)
 
     def adjust(self, depth: int, now: float | None = None) -> int:
         pool, policy = self.pool, self.policy

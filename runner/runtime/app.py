@@ -11,16 +11,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..brokers import Broker, BrokerError, Depth, connect_url
+import orjson
+
+from ..brokers import Broker, BrokerError, Depth, Message, connect_url
 from ..config.loader import LoadedPipeline
+from ..config.models import Pipeline
 from ..patterns.flow import SLOW, FlowMonitor, monitor_name
-from ..patterns.priority import LaneRule, lane_queue, lane_rules
+from ..patterns.priority import LaneRule, lane_queue, lane_rules, update_rules
+from ..patterns.watch import POLICY_KEY, ConfigService, ConfigWatcher, config_queue, config_service_name
 from ..patterns.workflow import WorkflowProcessor, workflow_queue
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
@@ -30,6 +35,7 @@ from .counters import SharedCounters
 from .dashboard import Dashboard, dashboard_queue
 from .producer import ProducerService
 from .publisher import Publisher
+from .reload import Reloader, policy_document
 from .stats import ConsumerStats, ProducerStats, RunStats
 from .supported import unsupported
 
@@ -64,6 +70,8 @@ class RunOptions:
     single_service: bool = False
     counters: Path | None = None  # a service process: mirror its counters here (runtime.counters)
     restarted: bool = False  # a service process started again by its supervisor
+    reload: bool = False  # --reload: services follow edited policies (patterns.watch, runtime.reload)
+    instance: int = 1  # which instance of a consumer this process runs (its watch queue)
 
 
 async def sample_depths(broker: Broker, loaded: LoadedPipeline, stats: RunStats) -> dict[str, Depth]:
@@ -135,12 +143,17 @@ class Runner:
         workflows = {
             workflow_queue(n): n for n, c in model.consumers.items() if c.on_error.action == "workflow"
         }
+        # Pattern 4: the config service runs when something may watch it.
+        self.config_name = config_service_name(model.name)
+        watched = bool(model.config) or any(c.watch for c in model.consumers.values()) or options.reload
         known = {*model.producers, *model.consumers, *monitors, *workflows}
+        known |= {self.config_name} if watched else set()
         unknown = [n for n in options.only if n not in known]
         if unknown:
             raise RunError(
                 f"--only: no service named {', '.join(map(repr, unknown))} (producers, consumers, "
-                "workflow processors <consumer>.workflow, flow monitors <queue>.flow)",
+                "workflow processors <consumer>.workflow, flow monitors <queue>.flow, the config "
+                "service <pipeline>.config)",
                 EXIT_INVALID,
             )
         selected = set(options.only) or known
@@ -148,6 +161,9 @@ class Runner:
         self.consumer_names = [n for n in model.consumers if n in selected]
         self.monitored = [queue for name, queue in monitors.items() if name in selected]
         self.workflow_names = [name for name in workflows if name in selected]
+        self.runs_config = self.config_name in selected and watched
+        self.lanes: dict[str, LaneRule] = {}
+        self._policy: tuple[int, Pipeline] | None = None  # the latest edarun.policy, parsed once
         self.stats = RunStats(pipeline=model.name)
         self.stop_requested: asyncio.Event | None = None
         self.interrupted = False
@@ -200,7 +216,7 @@ class Runner:
 
     def _build(self, broker: Broker, tracing: Tracing) -> tuple[list[ProducerService], list[Service]]:
         model, loaded = self.loaded.model, self.loaded
-        lanes = lane_rules(model)
+        lanes = self.lanes = lane_rules(model)
         consumers: list[Service] = []
         # Enough threads for every sync handler call that can run at once (autoscale's max too),
         # and one for each workflow processor's repair calls.
@@ -262,6 +278,7 @@ class Runner:
         event_loop.on_stop_signals(self.request_stop)
         tracing = Tracing()
         broker: Broker | None = None
+        config_service: ConfigService | None = None
         outcome = "failed"
         try:
             url = self.options.broker or self.loaded.model.broker
@@ -273,7 +290,17 @@ class Runner:
             for name in model.consumers:
                 await broker.declare(dashboard_queue(name))
             producers, consumers = self._build(broker, tracing)
+            monitors = [self._monitor(broker, tracing, queue) for queue in self.monitored]
             self.started = True
+            if self.runs_config:
+                config_service = ConfigService(
+                    model.name, model.config, broker=broker, tracing=tracing,
+                    policy=policy_document(model) if self.options.reload else None,
+                )  # fmt: skip
+                await config_service.start()
+            # Pattern 4: every watching service has the current values before it consumes.
+            watchers = self._watchers(broker, tracing, [*producers, *consumers, *monitors])
+            await asyncio.gather(*(w.start() for w in watchers))
             for consumer in consumers:
                 if isinstance(consumer, WorkflowProcessor):
                     consumer.start()
@@ -281,8 +308,12 @@ class Runner:
                 # A supervised consumer sizes itself; with several processes each takes its share.
                 instances = consumer.spec.instances if self.options.single_service else 1
                 consumer.start(self._workers(consumer.spec), instances=instances)
-            monitors = [self._monitor(broker, tracing, queue) for queue in self.monitored]
             watching = [asyncio.create_task(m.run(), name=f"{m.queue} flow monitor") for m in monitors]
+            reloader = (
+                self._reloader(broker) if self.options.reload and not self.options.single_service else None
+            )
+            if reloader is not None:
+                watching.append(asyncio.create_task(reloader.run(), name="reload"))
             tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
             for task in tasks:
                 task.add_done_callback(self._producer_done)
@@ -292,9 +323,15 @@ class Runner:
             await asyncio.gather(*tasks, return_exceptions=True)
             for monitor in monitors:
                 monitor.stop()
+            if reloader is not None:
+                reloader.stop()
             await asyncio.gather(*watching, return_exceptions=True)
             for consumer in consumers:  # consumers before workflow processors: their last
                 await consumer.drain()  # failures reach the workflow queue first
+            for watcher in watchers:
+                await watcher.close()
+            if config_service is not None:
+                await config_service.stop()
             await self._sample(broker)
         except RunError:
             raise
@@ -311,6 +348,61 @@ class Runner:
         if outcome == "interrupted":
             return EXIT_INTERRUPTED
         return EXIT_FAILURE if self.failed else EXIT_OK
+
+    def _watchers(self, broker: Broker, tracing: Tracing, services: list[Any]) -> list[ConfigWatcher]:
+        """Pattern 4: a watcher per service that watches `config:` keys, or (--reload) policies."""
+        model = self.loaded.model
+        watchers = []
+        for service in services:
+            name = service.name if not isinstance(service, FlowMonitor) else monitor_name(service.queue)
+            keys = list(service.spec.watch) if isinstance(service, ConsumerService) else []
+            if self.options.reload:
+                keys.append(POLICY_KEY)
+            if not keys:
+                continue
+            instance = self.options.instance if isinstance(service, ConsumerService) else 1
+
+            def changed(key: str, value: Any, version: int, service: Any = service) -> None:
+                if key == POLICY_KEY:
+                    self._apply_policy(service, value, version)
+
+            watcher = ConfigWatcher(
+                model.name, name, keys, model.config, broker=broker, tracing=tracing, instance=instance,
+                changed=changed,
+            )  # fmt: skip
+            if isinstance(service, ConsumerService):
+                service.config = watcher.config  # ctx.config: a live, read-only view
+            watchers.append(watcher)
+        return watchers
+
+    def _apply_policy(self, service: Any, document: Any, version: int) -> None:
+        """An edited pipeline's policies (--reload), for one service of this process."""
+        if self._policy is None or self._policy[0] != version:
+            self._policy = (version, Pipeline.model_validate(document))
+            update_rules(self.lanes, self._policy[1])  # every publisher of this process reads them
+        model = self._policy[1]
+        if isinstance(service, FlowMonitor):
+            flow = model.queues[service.queue].flow_control if service.queue in model.queues else None
+            if flow is not None:
+                service.apply_policy(flow)
+        elif isinstance(service, ConsumerService | ProducerService):
+            service.apply_policy(model)
+
+    def _reloader(self, broker: Broker) -> Reloader:
+        """--reload: edits of the file go to the config service as `set` commands."""
+        queue = config_queue(self.loaded.model.name)
+
+        async def send(key: str, value: Any) -> None:
+            command = {"op": "set", "key": key, "value": value}
+            await broker.publish(queue, Message(orjson.dumps(command), f"reload-{key}-{time.time_ns()}"))
+
+        return Reloader(self.loaded, send=send, applied=self._reload_applied, refused=self._reload_refused)
+
+    def _reload_applied(self, loaded: LoadedPipeline, changes: list[str]) -> None:
+        self.stats.reload_outcome("applied", changes)
+
+    def _reload_refused(self, lines: list[str]) -> None:
+        self.stats.reload_outcome("refused", lines)
 
     def _producer_stats(self, name: str) -> ProducerStats:
         stats = self.stats.producers.setdefault(name, ProducerStats())

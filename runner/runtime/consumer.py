@@ -16,13 +16,13 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import orjson
 
 from ..brokers import Broker
-from ..config.models import Consumer
+from ..config.models import Consumer, Pipeline
 from ..patterns.dedupe import dedupe
 from ..patterns.forwarding import forwarding
 from ..patterns.ordering import OrderedWorkers
@@ -88,6 +88,9 @@ class ConsumerService:
         self.pool: WorkerPool = self._pool()
         self.supervisor: Supervisor | None = None
         self._supervising: asyncio.Task[None] | None = None
+        self._copies = 1  # consumers per unit of `concurrency` in this process (its instances)
+        self._resizing: asyncio.Task[None] | None = None
+        self._own_executors: list[ThreadPoolExecutor] = []
 
     # -- the consume stack ---------------------------------------------------------------------
 
@@ -98,7 +101,7 @@ class ConsumerService:
             self._decode,
             *([dedupe(self.spec.dedupe, self.stats, self.tracing)] if self.spec.dedupe else []),
             on_error(
-                self.spec.on_error,
+                lambda: self.spec.on_error,
                 dashboard=self.dashboard,
                 stats=self.stats,
                 retries=self.retries,
@@ -238,6 +241,7 @@ class ConsumerService:
     def start(self, count: int, *, instances: int = 1) -> None:
         policy = self.spec.autoscale
         if policy is None:
+            self._copies = max(1, count // (self.spec.concurrency or 1))
             self.pool.start(count)
             return
         self.pool.start(policy.min)
@@ -251,6 +255,44 @@ class ConsumerService:
             instances=instances, decided=self._scaled,
         )  # fmt: skip
         self._supervising = asyncio.create_task(self.supervisor.run(), name=f"{self.name} supervisor")
+
+    def apply_policy(self, model: Pipeline) -> None:
+        """Adopt this consumer's edited policy (edarun up --reload) between two events: autoscale
+        numbers, concurrency and retry numbers. The compare in config.changes let only these through."""
+        spec = model.consumers.get(self.name)
+        if spec is None or spec == self.spec:
+            return
+        old, self.spec = self.spec, spec
+        most = spec.autoscale.max if spec.autoscale else (spec.concurrency or 1)
+        if most > self.max_workers:
+            # Sync handlers need a thread per consumer: a pool of this consumer's own, big enough.
+            executor = ThreadPoolExecutor(most * self._copies, thread_name_prefix=f"edarun-{self.name}")
+            self._own_executors.append(executor)
+            self.executor = executor
+        self.max_workers = most
+        if spec.autoscale is not None and self.supervisor is not None:
+            self.supervisor.policy = spec.autoscale  # its next poll decides by the new numbers
+        elif spec.autoscale is None and (spec.concurrency or 1) != (old.concurrency or 1):
+            self._resize((spec.concurrency or 1) * self._copies)
+        self.log.info("%s: policy applied", self.name)
+
+    def _resize(self, target: int) -> None:
+        """A fixed pool to `target` consumers: more at once; fewer as consumers become idle (a busy
+        one finishes its event first)."""
+        if self._resizing is not None:
+            self._resizing.cancel()
+        pool = self.pool
+        if pool.size < target:
+            pool.start(target - pool.size)
+            return
+
+        async def shrink() -> None:
+            while pool.size > target:
+                pool.retire_idle(pool.size - target, 0.0)
+                if pool.size > target:
+                    await asyncio.sleep(0.05)
+
+        self._resizing = asyncio.create_task(shrink(), name=f"{self.name} resize")
 
     def _scaled(self, before: int, after: int, depth: int) -> None:
         self.tracing.decision(f"autoscale {self.name}", describe_decision(before, after, depth))
@@ -270,6 +312,10 @@ class ConsumerService:
             self.supervisor.stop()
             if self._supervising is not None:
                 await self._supervising
+        if self._resizing is not None:
+            self._resizing.cancel()
         await self.pool.drain()
         await self.retries.flush()
         await self.pool.close()  # nothing should be left; whatever is goes back, marked
+        for executor in self._own_executors:
+            executor.shutdown(wait=False)

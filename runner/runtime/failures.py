@@ -70,7 +70,7 @@ class RetryInPlace(Exception):
 
 
 def on_error(
-    policy: OnError,
+    current: Callable[[], OnError],
     *,
     dashboard: Dashboard,
     stats: ConsumerStats,
@@ -80,7 +80,8 @@ def on_error(
     in_place: bool = False,
     workflow: ToWorkflow | None = None,
 ) -> Layer:
-    """The layer that turns a handler failure into a retry or a parked event."""
+    """The layer that turns a handler failure into a retry or a parked event. `current` gives the
+    policy at the time of each failure: `edarun up --reload` may change its numbers."""
 
     async def retry_later(envelope: Envelope, delay: float, acked: bool) -> None:
         await retries.wait(delay)
@@ -106,6 +107,7 @@ def on_error(
         except Exception as exc:
             failure = exc
         error = describe(failure)
+        policy = current()
         stats.failed += 1
         envelope.failed = True
         attempt = envelope.attempt

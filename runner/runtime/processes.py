@@ -40,6 +40,7 @@ from .app import (
 )
 from .counters import read_counters
 from .dashboard import dashboard_queue
+from .reload import Reloader
 from .stats import ConsumerStats, ProducerStats, RunStats
 
 log = logging.getLogger("edarun.supervisor")
@@ -56,7 +57,7 @@ class Child:
     """One service process, across its restarts."""
 
     service: str
-    kind: str  # producer | consumer | workflow | monitor
+    kind: str  # producer | consumer | workflow | monitor | config
     instance: int
     owner: str = ""  # a workflow processor's consumer: whose counts it adds to
     process: asyncio.subprocess.Process | None = None
@@ -99,6 +100,9 @@ class Supervisor:
         # Pattern 7: a workflow processor per workflow consumer, a service of its own.
         for name in self.plan.workflow_names:
             self.children.append(Child(name, "workflow", 1, owner=name.removesuffix(".workflow")))
+        # Pattern 4: the config service, a service of its own.
+        if self.plan.runs_config:
+            self.children.append(Child(self.plan.config_name, "config", 1))
         self.stats = RunStats(pipeline=model.name)
         for name in self.plan.producer_names:
             self.stats.producers[name] = ProducerStats(flow_controlled=flow_controlled(loaded, name))
@@ -111,6 +115,10 @@ class Supervisor:
         self.stop_requested = asyncio.Event()
         self._followers: set[asyncio.Task[None]] = set()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"edarun-{model.name}-"))
+        # The file as this run runs it: a service (re)started after an edit of the file runs the
+        # same pipeline as the others (an edit reaches them only through --reload).
+        self._pipeline_copy = self._workdir / "pipeline.yaml"
+        self._pipeline_copy.write_text(loaded.text, encoding="utf-8")
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -126,6 +134,9 @@ class Supervisor:
             command += ["--skip", str(child.base.get("confirmed", 0))]
         if child.restarts:
             command.append("--restarted")
+        if options.reload:
+            command.append("--reload")
+        command += ["--text", str(self._pipeline_copy)]
         command += ["--counters", str(self._counters_file(child))]
         return command
 
@@ -275,11 +286,19 @@ class Supervisor:
                 await broker.declare(dashboard_queue(name))
             # Consumers first, so the first events find someone to take them; producers last, so a
             # flow monitor is there to tell them the state.
-            order = {"consumer": 0, "workflow": 1, "monitor": 1, "producer": 2}
+            # The config service before anyone who registers with it.
+            order = {"config": 0, "consumer": 1, "workflow": 2, "monitor": 2, "producer": 3}
             for child in sorted(self.children, key=lambda c: order[c.kind]):
                 await self._spawn(child)
             started = True
-            outcome = await self._watch(broker)
+            reloader = self._reloader(broker) if self.options.reload else None
+            reloading = asyncio.create_task(reloader.run(), name="reload") if reloader else None
+            try:
+                outcome = await self._watch(broker)
+            finally:
+                if reloader is not None and reloading is not None:
+                    reloader.stop()
+                    await asyncio.gather(reloading, return_exceptions=True)
         finally:
             self.stopping = True
             self.stop_requested.set()  # wakes a service waiting out its restart back-off
@@ -331,8 +350,8 @@ class Supervisor:
 
     def _quiet(self, depths: dict[str, int], consumed: set[str]) -> bool:
         for child in self.children:
-            if child.kind == "monitor":
-                continue  # it watches; it has no work of its own to finish
+            if child.kind in ("monitor", "config"):
+                continue  # it watches or answers; it has no work of its own to finish
             if child.kind == "producer":
                 if not (child.done or child.failed):
                     return False
@@ -362,6 +381,17 @@ class Supervisor:
                         )
                         with contextlib.suppress(ProcessLookupError):
                             child.process.kill()
+
+    def _reloader(self, broker: Broker) -> Reloader:
+        reloader = self.plan._reloader(broker)
+        self.plan.stats = self.stats  # the reloads go in this run's report
+
+        def applied(loaded: LoadedPipeline, changes: list[str]) -> None:
+            self._pipeline_copy.write_text(loaded.text, encoding="utf-8")  # what restarts now run
+            self.stats.reload_outcome("applied", changes)
+
+        reloader.applied = applied
+        return reloader
 
     def request_stop(self) -> None:
         self.stop_requested.set()

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..brokers import Broker
 from ..config.expr import predicate
-from ..config.models import FlowControl, Producer
+from ..config.models import FlowControl, Pipeline, Producer
 from ..patterns.flow import FlowListener
 from ..patterns.priority import LaneRule
 from ..patterns.routing import NoRoute, Router
@@ -59,6 +59,18 @@ class ProducerService:
         }
         self.mirror: Callable[[], None] | None = None  # see runtime.counters
 
+    def apply_policy(self, model: Pipeline) -> None:
+        """A new rate or priority mark (edarun up --reload), from the next event on."""
+        spec = model.producers.get(self.name)
+        if spec is not None and spec != self.spec:
+            self.spec = spec
+            self.marks = predicate(spec.priority) if spec.priority is not None else None
+            self.log.info("%s: policy applied (rate %s, priority %s)", self.name, spec.rate, spec.priority)
+        for queue, listener in self.flow.items():
+            settings = model.queues.get(queue)
+            if settings is not None and settings.flow_control is not None:
+                listener.policy = settings.flow_control
+
     def target(self, event: dict[str, Any]) -> str:
         """The queue an event goes to: `to`, or its route (pattern 6); NoRoute when it has none."""
         if self.router is not None:
@@ -79,10 +91,10 @@ class ProducerService:
                 await listener.close()
 
     async def _run(self) -> None:
-        spec, stats = self.spec, self.stats
+        stats = self.stats
         loop = asyncio.get_running_loop()
-        interval = 1.0 / spec.rate if spec.rate else 0.0
         next_at = loop.time()
+        rate = self.spec.rate
         taken = 0
         # A flow-controlled producer keeps few publishes in flight: those already taken from the
         # source still go out after the monitor says "slow", and they add to the overshoot.
@@ -113,11 +125,15 @@ class ProducerService:
                         if delay:
                             stats.delayed += 1
                             await asyncio.sleep(delay)  # slowed by the queue's flow monitor
-                            if interval:
+                            if self.spec.rate:
                                 next_at = loop.time()  # the pace restarts after the delay
                         await window.publish(taken, queue, item, delay)
+                spec = self.spec  # read per event: --reload may change the rate
                 if spec.count is not None and taken >= spec.count:
                     break
+                interval = 1.0 / spec.rate if spec.rate else 0.0
+                if spec.rate != rate:  # a new rate paces from now, not from the old schedule
+                    rate, next_at = spec.rate, loop.time()
                 if interval:
                     next_at += interval
                     delay = next_at - loop.time()

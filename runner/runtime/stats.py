@@ -48,6 +48,7 @@ class RunStats:
     flow_state: dict[str, str] = field(default_factory=dict)  # queue → slow | resume, now
     started_at: float = field(default_factory=time.time)  # wall clock: to place a child's events
     parked_events: list[dict[str, Any]] = field(default_factory=list)
+    reloads: list[dict[str, Any]] = field(default_factory=list)  # --reload: edits applied or refused
 
     @property
     def elapsed(self) -> float:
@@ -60,6 +61,11 @@ class RunStats:
             {"queue": queue, "state": state, "at_s": round(at - self.started_at, 3), "depth": depth}
         )
         self.flow_state[queue] = state
+
+    def reload_outcome(self, outcome: str, lines: list[str]) -> None:
+        """--reload: an edit of the file was applied, or refused (invalid, or not live)."""
+        at_s = round(time.time() - self.started_at, 3)
+        self.reloads.append({"at_s": at_s, "outcome": outcome, "changes": lines})
 
     def observe_depth(self, queue: str, depth: int) -> None:
         self.depth[queue] = depth
@@ -97,4 +103,5 @@ class RunStats:
             "flow": self.flow,
             "outcome": outcome,
             "parked_events": self.parked_events,
+            **({"reloads": self.reloads} if self.reloads else {}),
         }

@@ -17,8 +17,4 @@ def unsupported(model: Pipeline) -> list[str]:
 
     if model.brokers:
         refuse("brokers", "multi-broker (pattern 9)")
-    for name, consumer in model.consumers.items():
-        where = f"consumers.{name}"
-        if consumer.watch:
-            refuse(f"{where}.watch", "watch notification (pattern 4)")
     return problems

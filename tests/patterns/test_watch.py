@@ -1,0 +1,232 @@
+"""Watch notification: values reach every watching service in order, also one that was down, with
+no connection to the config service between changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from runner.brokers import Broker, Message, connect_url
+from runner.patterns.watch import (
+    POLICY_KEY,
+    ConfigClient,
+    ConfigService,
+    ConfigState,
+    ConfigWatcher,
+    config_queue,
+    replies_exchange,
+    state_queue,
+    watch_queue,
+)
+from runner.telemetry import Tracing
+
+pytestmark = pytest.mark.asyncio
+
+HANDLERS = """
+import time
+
+SEEN = []  # (consumer, limit) per call, in call order
+
+
+def ticks():
+    for i in range(80):
+        yield {"id": i}
+
+
+def changes():
+    for value in (2, 3, 4, 5, 6):
+        yield {"value": value}
+
+
+def relay(event, ctx):
+    ctx.publish(CONFIG_QUEUE, {"op": "set", "key": "limit", "value": event["value"]})
+
+
+def look(event, ctx):
+    SEEN.append((ctx.consumer, ctx.config["limit"]))
+    time.sleep(0.002)
+"""
+
+
+def unique(stem: str) -> str:
+    return f"{stem}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+async def cleanup(broker_url: str, names: list[str]) -> None:
+    if broker_url != "memory":
+        from conftest import delete_queues
+
+        await delete_queues(names)
+
+
+async def test_two_watchers_get_every_change_in_order(
+    factory: Any, run_pipeline: Any, broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("watch")
+    mod = factory.module("watch_two", HANDLERS.replace("CONFIG_QUEUE", repr(config_queue(name))))
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: {name}
+        plugins: [plugins]
+        config:
+          limit: 1
+        producers:
+          ticks-a: {{source: "{mod}:ticks", rate: 40/s, to: {name}-a}}
+          ticks-b: {{source: "{mod}:ticks", rate: 40/s, to: {name}-b}}
+          admin: {{source: "{mod}:changes", rate: 4/s, to: {name}-admin}}
+        consumers:
+          relay: {{from: {name}-admin, handler: "{mod}:relay"}}
+          a: {{from: {name}-a, handler: "{mod}:look", watch: [limit]}}
+          b: {{from: {name}-b, handler: "{mod}:look", watch: [limit]}}
+        """
+    )
+    caplog.set_level(logging.INFO, logger="edarun.config")
+    try:
+        code, runner = await run_pipeline(path)
+    finally:
+        queues = [config_queue(name), state_queue(name), watch_queue("a"), watch_queue("b")]
+        await cleanup(broker_url, queues)
+    assert code == 0
+    seen = factory.imported(mod).SEEN
+    for consumer in ("a", "b"):
+        versions = [
+            int(m.group(2))
+            for record in caplog.records
+            if (m := re.match(rf"{consumer}: config limit = (\d+) \(version (\d+)\)", record.getMessage()))
+        ]
+        # Every change, each once, in the order the config service made them (1 is the file's value).
+        assert versions == [0, 1, 2, 3, 4, 5], versions
+        values = [v for c, v in seen if c == consumer]
+        assert values[0] == 1  # the file's value before any change: there before the first event
+        assert values == sorted(values)  # a handler never sees an older value after a newer one
+        assert values[-1] == 6
+    assert runner.stats.consumers["a"].processed == runner.stats.consumers["b"].processed == 80
+
+
+@pytest.fixture
+async def bus(broker_url: str) -> AsyncIterator[Broker]:
+    broker = connect_url(broker_url)
+    await broker.connect(10.0)
+    yield broker
+    await broker.close()
+
+
+async def settled(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - state changed by another task, polled
+            await asyncio.sleep(0.02)
+
+
+async def test_a_service_that_was_down_gets_the_change_when_back(bus: Broker, broker_url: str) -> None:
+    name = unique("down")
+    tracing = Tracing()
+
+    def service() -> ConfigService:
+        return ConfigService(name, {"limit": 1}, broker=bus, tracing=tracing)
+
+    def watcher(who: str) -> ConfigWatcher:
+        return ConfigWatcher(name, who, ["limit"], {"limit": 1}, broker=bus, tracing=tracing)
+
+    config = service()
+    await config.start()
+    a, b = watcher("a"), watcher("b")
+    try:
+        await a.start(timeout=5.0)
+        await b.start(timeout=5.0)
+        assert a.config["limit"] == b.config["limit"] == 1
+        client = ConfigClient(name, bus)
+        answer = await client.request({"op": "set", "key": "limit", "value": 2}, timeout=5.0)
+        assert answer is not None and answer["versions"]["limit"] == 1
+        await settled(lambda: a.config["limit"] == 2 and b.config["limit"] == 2)
+
+        await b.close()  # b goes down
+        await client.request({"op": "set", "key": "limit", "value": 3}, timeout=5.0)
+        await settled(lambda: a.config["limit"] == 3)
+        # b's change waits in b's own durable queue.
+        async with asyncio.timeout(5.0):
+            while (await bus.depth(watch_queue("b"))).ready != 1:  # noqa: ASYNC110 - the broker's count
+                await asyncio.sleep(0.02)
+
+        # The config service goes down too: b comes back with no one to talk to but its queue.
+        await config.stop()
+        b = watcher("b")
+        await b.start(timeout=0.5)  # nobody answers the registration
+        await settled(lambda: b.config["limit"] == 3)
+
+        # A change made while the service is down is queued, applied when it is back, and reaches
+        # both; b's re-registration brings the current values as well.
+        await bus.publish(config_queue(name), Message(b'{"op": "set", "key": "limit", "value": 4}', "m-4"))
+        config = service()
+        await config.start()
+        await settled(lambda: a.config["limit"] == 4 and b.config["limit"] == 4)
+        assert config.state.version == 3
+        assert b.versions["limit"] == 3
+    finally:
+        for w in (a, b):
+            await w.close()
+        await config.stop()
+        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("a"), watch_queue("b")])
+
+
+async def test_the_config_service_keeps_its_state_across_restarts(bus: Broker, broker_url: str) -> None:
+    name = unique("state")
+    tracing = Tracing()
+    try:
+        first = ConfigService(name, {"limit": 1, "mode": "a"}, broker=bus, tracing=tracing)
+        await first.start()
+        await bus.declare(watch_queue("x"))
+        await first.handle("set", {"key": "limit", "value": 9})
+        await first.handle("register", {"queue": watch_queue("x"), "keys": ["limit"], "service": "x"})
+        await first.stop()
+        # The file now says another initial value: the stored (changed) one wins; a new key joins.
+        second = ConfigService(name, {"limit": 1, "mode": "b", "extra": True}, broker=bus, tracing=tracing)
+        await second.start()
+        assert second.state.values == {"limit": 9, "mode": "a", "extra": True}
+        assert second.state.versions["limit"] == 1
+        assert list(second.state.watchers) == [watch_queue("x")]
+        # A watch queue that is gone is unregistered at the next change that concerns it.
+        await second.stop()
+        await cleanup(broker_url, [watch_queue("x")])
+        if broker_url == "memory":
+            bus._queues.pop(watch_queue("x"), None)  # type: ignore[attr-defined]
+        third = ConfigService(name, {}, broker=bus, tracing=tracing)
+        await third.start()
+        await third.handle("set", {"key": "limit", "value": 10})
+        assert third.state.watchers == {}
+        await third.stop()
+        stored = await ConfigClient(name, bus).stored()
+        assert stored is not None and stored.values["limit"] == 10 and stored.watchers == {}
+    finally:
+        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("x")])
+
+
+async def test_a_watcher_ignores_what_is_not_newer() -> None:
+    watcher = ConfigWatcher("p", "s", ["limit", POLICY_KEY], {"limit": 1}, broker=None, tracing=Tracing())  # type: ignore[arg-type]
+    changes: list[tuple[str, Any, int]] = []
+    watcher.changed = lambda key, value, version: changes.append((key, value, version))
+    watcher.apply({"values": {"limit": 5}, "versions": {"limit": 4}})
+    watcher.apply({"values": {"limit": 3}, "versions": {"limit": 2}})  # late copy of an older change
+    watcher.apply({"values": {"limit": 5}, "versions": {"limit": 4}})  # duplicate
+    watcher.apply({"values": {"other": 1}, "versions": {"other": 7}})  # not watched here
+    watcher.apply({"values": {POLICY_KEY: {"x": 1}}, "versions": {POLICY_KEY: 8}})
+    assert dict(watcher.config) == {"limit": 5}  # the policy is not a handler's config value
+    assert changes == [("limit", 5, 4), (POLICY_KEY, {"x": 1}, 8)]
+    with pytest.raises(TypeError):
+        watcher.config["limit"] = 6  # type: ignore[index]
+
+
+def test_state_snapshot_round_trip() -> None:
+    state = ConfigState()
+    state.change("limit", 3)
+    state.watchers["s.watch"] = {"service": "s", "keys": ["limit"]}
+    again = ConfigState.decode(state.encode())
+    assert again == state
+    assert ConfigState.decode(b"not json") is None
+    assert replies_exchange("p") == "p.config.replies"

@@ -48,6 +48,11 @@ def check_pipeline(raw: dict[str, Any], base_dir: Path, *, check_refs: bool) -> 
             if not folder.is_dir():
                 yield ("plugins", index), f"folder {plugins[index]!r} does not exist ({folder})"
     config = raw.get("config", {})
+    if isinstance(config, dict):
+        for key in config:
+            if isinstance(key, str) and key.startswith("edarun."):
+                # The config service carries edarun's own values (the live policies) beside them.
+                yield ("config", key), "keys starting with 'edarun.' are reserved for edarun"
     for name, consumer in consumers.items():
         yield from _consumer(("consumers", name), consumer, config)
         if check_refs and dirs is not None:

@@ -371,6 +371,14 @@ CASES = [
         ("consumers.worker.watch[1]", "'min_order' is not a key of the top-level 'config'"),
     ),
     Case(
+        "reserved-config-key",
+        BASE + "config:\n  edarun.policy: 1\n",
+        13,
+        18,
+        ("config.edarun.policy", "reserved for edarun"),
+        cli=False,
+    ),
+    Case(
         "concurrency-and-autoscale",
         consumer_with("concurrency: 4", "autoscale: depth/5 max 50"),
         9,

@@ -26,8 +26,6 @@ from runner.patterns.watch import (
 )
 from runner.telemetry import Tracing
 
-pytestmark = pytest.mark.asyncio
-
 HANDLERS = """
 import time
 

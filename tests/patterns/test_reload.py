@@ -147,3 +147,82 @@ consumers:
     assert "consumers.c.ordering" in text  # an ordering field changes how events are dispatched
     assert "consumers.c.autoscale" in text  # a supervisor that did not run before
     assert "queues.q removed" in text
+
+
+NUMBERS = """
+import threading
+import time
+
+RUNNING = []  # handler calls running at once, sampled at each call
+_now = [0]
+_lock = threading.Lock()
+ATTEMPTS = {}
+
+
+def feed():
+    for i in range(400):
+        yield {"id": i}
+
+
+def work(event, ctx):
+    with _lock:
+        _now[0] += 1
+        RUNNING.append((time.monotonic(), _now[0]))
+    time.sleep(0.01)
+    with _lock:
+        _now[0] -= 1
+    ATTEMPTS[event["id"]] = ctx.attempt
+    if event["id"] % 50 == 7 and ctx.attempt < 3:
+        raise RuntimeError("fails twice")
+"""
+
+
+async def test_concurrency_retries_and_rate_apply_live(
+    factory: Any, run_pipeline: Any, broker_url: str
+) -> None:
+    name = f"numbers-{os.getpid()}-{os.urandom(3).hex()}"
+    mod = factory.module("reload_numbers", NUMBERS)
+
+    def text(concurrency: int, retries: int, rate: int) -> str:
+        return f"""
+version: 1
+name: {name}
+plugins: [plugins]
+producers:
+  feed: {{source: "{mod}:feed", rate: {rate}/s, to: {name}-work}}
+consumers:
+  worker: {{from: {name}-work, handler: "{mod}:work", concurrency: {concurrency}, on_error: retry({retries})}}
+"""
+
+    path = factory.pipeline(text(1, 0, 100))
+    edited_at: list[float] = []
+
+    async def edit() -> None:
+        await asyncio.sleep(1.0)
+        edited_at.append(asyncio.get_running_loop().time())
+        path.write_text(text(4, 3, 400))
+
+    editing = asyncio.create_task(edit())
+    try:
+        code, runner = await run_pipeline(path, reload=True)
+    finally:
+        editing.cancel()
+        if broker_url != "memory":
+            from conftest import delete_queues
+
+            await delete_queues(
+                [config_queue(name), state_queue(name), watch_queue("feed"), watch_queue("worker")]
+            )
+    assert code == 0
+    plugin = factory.imported(mod)
+    assert [r["outcome"] for r in runner.stats.reloads] == ["applied"]
+    # One at a time before the edit, several at once after it.
+    assert max(n for _, n in plugin.RUNNING) > 1
+    # Before the edit a failure was parked at once (retry(0)); after it, retried until it passed.
+    stats = runner.stats.consumers["worker"]
+    assert stats.parked >= 1 and stats.retried >= 2
+    late = [i for i in range(400) if i % 50 == 7 and plugin.ATTEMPTS.get(i) == 3]
+    assert late, plugin.ATTEMPTS
+    # 400 events at 100/s would take 4 s; at 400/s after the edit the run ends well before.
+    assert runner.stats.producers["feed"].published == 400
+    assert runner.stats.elapsed < 3.9

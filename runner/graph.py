@@ -1,6 +1,6 @@
 """The topology of a pipeline as Mermaid or Graphviz dot: producers, queues and their priority
-lanes, consumers, emit edges, workflow processors and the dashboard queues where failed events are
-parked."""
+lanes, consumers, emit edges, workflow processors, the dashboard queues where failed events are
+parked, flow monitors and their control exchanges, and the config service with its watch queues."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 
 from .config.models import Pipeline
 from .patterns.priority import lane_queue, lane_rules
+from .patterns.watch import config_queue, watch_queue
 from .patterns.workflow import workflow_queue
 from .redact import redact_url
 
@@ -79,6 +80,15 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
             edges.append((processor, queue(f"{name}.dashboard", "dashboard"), "parked"))
         else:
             edges.append((node, queue(f"{name}.dashboard", "dashboard"), "parked"))
+    watching = {name: c.watch for name, c in model.consumers.items() if c.watch}
+    if model.config or watching:
+        # Pattern 4: commands in, a versioned notice to each watching service's own queue.
+        service = "s_config"
+        nodes[service] = (f"{config_queue(model.name)} service", "consumer")
+        edges.append((queue(config_queue(model.name), "watch"), service, "set / register"))
+        for name, keys in watching.items():
+            inbox = queue(watch_queue(name), "watch")
+            edges += [(service, inbox, ", ".join(keys) + " (versioned)"), (inbox, f"c_{name}", "ctx.config")]
     return nodes, edges
 
 
@@ -95,6 +105,7 @@ def mermaid(model: Pipeline) -> str:
         "lane": ("[(", ")]"),
         "workflow": ("[(", ")]"),
         "dashboard": ("[(", ")]"),
+        "watch": ("[(", ")]"),
         "exchange": ("{{", "}}"),
     }
     lines = ["flowchart LR", f"  %% {model.name} on {redact_url(model.broker)}"]
@@ -122,6 +133,7 @@ def dot(model: Pipeline) -> str:
         "lane": "cylinder",
         "workflow": "cylinder",
         "dashboard": "cylinder",
+        "watch": "cylinder",
         "exchange": "hexagon",
     }
     fills = {"dashboard": "#ffdddd", "lane": "#ffe9b3"}

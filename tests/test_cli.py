@@ -318,3 +318,52 @@ def test_graph_draws_workflow_and_flow_control(factory, jsonl) -> None:  # type:
     assert dot.returncode == 0, dot.stderr
     assert 'x_orders [label="orders.control", shape=hexagon];' in dot.stdout
     assert 'q_worker_workflow [label="worker.workflow", shape=cylinder];' in dot.stdout
+
+
+def test_graph_draws_the_config_service_and_watch_queues(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": 1}])
+    mod = factory.module("watched", "def handle(event, ctx):\n    return None\n")
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: watched
+        plugins: [plugins]
+        config: {{max_order: 800, mode: open}}
+        producers:
+          feed: {{source: file(events.jsonl), to: orders}}
+        consumers:
+          limit: {{from: orders, handler: "{mod}:handle", watch: [max_order, mode]}}
+        """
+    )
+    mermaid = edarun("graph", str(path))
+    assert mermaid.returncode == 0, mermaid.stderr
+    for line in (
+        'q_watched_config -- "set / register" --> s_config',
+        's_config -- "max_order, mode (versioned)" --> q_limit_watch',
+        'q_limit_watch -- "ctx.config" --> c_limit',
+    ):
+        assert line in mermaid.stdout, line
+    dot = edarun("graph", str(path), "--format", "dot")
+    assert 'q_limit_watch [label="limit.watch", shape=cylinder];' in dot.stdout
+
+
+def test_config_on_the_memory_broker_says_where_to_go(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": 1}])
+    mod = factory.module("cfgmem", "def handle(event, ctx):\n    return None\n")
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: cfgmem
+        plugins: [plugins]
+        config: {{limit: 1}}
+        producers:
+          feed: {{source: file(events.jsonl), to: orders}}
+        consumers:
+          c: {{from: orders, handler: "{mod}:handle", watch: [limit]}}
+        """
+    )
+    result = edarun("config", str(path), "set", "limit", "2")
+    assert result.returncode == 2
+    assert "memory broker" in result.stderr and "cfgmem.config" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert edarun("config", str(path), "set", "limit").returncode == 2  # no VALUE

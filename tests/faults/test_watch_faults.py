@@ -4,17 +4,19 @@ during a change gets it when it is back; an edit of the file reaches every servi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from conftest import AMQP_URL, delete_queues
 
-from runner.brokers import connect_url
 from runner.patterns.flow import monitor_name
-from runner.patterns.watch import ConfigClient, config_queue, state_queue, watch_queue
+from runner.patterns.watch import config_queue, state_queue, watch_queue
 
 from .conftest import Scenario, read_report
 
@@ -45,13 +47,12 @@ def wait_for_line(scenario: Scenario, report: Path, text: str, timeout: float = 
     raise AssertionError(f"{text!r} did not appear within {timeout:.0f}s:\n{scenario.stderr(report)}")
 
 
-async def set_value(pipeline: str, key: str, value: Any) -> dict[str, Any] | None:
-    broker = connect_url(AMQP_URL)
-    await broker.connect(10.0)
-    try:
-        return await ConfigClient(pipeline, broker).request({"op": "set", "key": key, "value": value}, 10.0)
-    finally:
-        await broker.close()
+def config_cli(scenario: Scenario, *args: str) -> Any:
+    """`edarun config PIPELINE …` on RabbitMQ; its JSON output."""
+    command = [sys.executable, "-m", "runner", "config", str(scenario.path), *args, "--broker", AMQP_URL]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def test_a_watcher_killed_during_a_change_gets_it_when_restarted(scenario: Scenario, tmp_path: Path) -> None:
@@ -76,10 +77,11 @@ def test_a_watcher_killed_during_a_change_gets_it_when_restarted(scenario: Scena
         seen = wait_for_line(scenario, report, f"{consumer}: config limit = 1 (version 0)")
         (pid,) = scenario.wait_pids(consumer)
         os.kill(pid, signal.SIGKILL)
-        answer = asyncio.run(set_value(tag, "limit", 7))  # while the watcher is down
-        assert answer is not None and answer["versions"]["limit"] == 1
+        # While the watcher is down, from the command line, as an operator would.
+        assert config_cli(scenario, "set", "limit", "7") == {"key": "limit", "value": 7, "version": 1}
         scenario.wait_pids(consumer, other_than=[pid])
         wait_for_line(scenario, report, f"{consumer}: config limit = 7 (version 1)", after=seen)
+        assert config_cli(scenario, "get") == {"limit": 7}
         process.send_signal(signal.SIGTERM)
         assert scenario.finish(process, report) in (0, 130)
         assert read_report(report)["consumers"][consumer]["restarts"] == 1

@@ -313,6 +313,7 @@ class Runner:
                 self._reloader(broker) if self.options.reload and not self.options.single_service else None
             )
             if reloader is not None:
+                await broker.declare(config_queue(model.name))  # edits wait there for the service
                 watching.append(asyncio.create_task(reloader.run(), name="reload"))
             tasks = {asyncio.create_task(p.run(), name=p.name): p for p in producers}
             for task in tasks:

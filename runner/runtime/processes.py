@@ -25,6 +25,7 @@ from typing import Any
 from ..brokers import Broker
 from ..config.loader import LoadedPipeline
 from ..patterns.flow import monitor_name
+from ..patterns.watch import config_queue
 from . import loop as event_loop
 from .app import (
     EXIT_FAILURE,
@@ -292,6 +293,8 @@ class Supervisor:
                 await self._spawn(child)
             started = True
             reloader = self._reloader(broker) if self.options.reload else None
+            if reloader is not None:
+                await broker.declare(config_queue(self.loaded.model.name))
             reloading = asyncio.create_task(reloader.run(), name="reload") if reloader else None
             try:
                 outcome = await self._watch(broker)

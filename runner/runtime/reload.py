@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ..brokers import BrokerError
 from ..config.changes import compare
 from ..config.loader import LoadedPipeline, PipelineError, load_pipeline
 from ..config.models import Pipeline
@@ -97,10 +98,14 @@ class Reloader:
             if self.refused is not None:
                 self.refused(lines)
             return
-        for key, value in changes.config.items():
-            await self.send(key, value)
-        if any(not line.startswith("config.") for line in changes.live):
-            await self.send(POLICY_KEY, policy_document(edited.model))
+        try:
+            for key, value in changes.config.items():
+                await self.send(key, value)
+            if any(not line.startswith("config.") for line in changes.live):
+                await self.send(POLICY_KEY, policy_document(edited.model))
+        except BrokerError as exc:
+            log.error("the edit could not be sent to the config service (%s); save the file again", exc)
+            return
         self.loaded = edited
         for line in changes.live:
             log.info("applied: %s", line)

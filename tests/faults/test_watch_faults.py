@@ -114,7 +114,7 @@ consumers:
         process = scenario.up(report, "--reload")
         wait_for_line(scenario, report, "watching")  # the supervisor follows the file
         time.sleep(1.5)
-        scenario.path.write_text(text(6, 100))
+        scenario.path.write_text(text(2, 100))  # 200/s of work for 300/s: it still grows
         wait_for_line(scenario, report, "applied: consumers")
         assert scenario.finish(process, report) == 0, scenario.stderr(report)
         result = read_report(report)

@@ -11,7 +11,6 @@ sees.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +19,15 @@ if TYPE_CHECKING:
 
 Event = dict[str, Any]
 
-# The config service's command queue is named after the pipeline: `<pipeline>.config`.
+# The config service's command queue: `<pipeline>.config`, for pipelines/watch_notification.yaml's name.
 CONFIG_QUEUE = "watch-notification.config"
 KEY = "max_order"
 CHANGES = (900, 1100, 750)
 CHANGE_EVERY_S = 0.6  # far apart next to the orders (20 a second): each service sees every value
 
-# The limit each service (consumer name) last worked with. Handlers of different consumers may run in
-# different threads, so the map is guarded.
+# The limit each service (consumer name) last worked with. take_order is a coroutine and does not
+# await between reading and writing it, so calls on the event loop cannot interleave there.
 _seen: dict[str, Any] = {}
-_seen_lock = threading.Lock()
 
 
 def orders() -> Iterator[Event]:
@@ -56,13 +54,16 @@ def relay_change(change: Event, ctx: Context) -> None:
 
 async def take_order(order: Event, ctx: Context) -> None:
     """Accept an order up to the current `max_order`, refuse one above it."""
-    limit = ctx.config[KEY]  # live: the watch queue keeps it current between two events
-    with _seen_lock:
-        before = _seen.get(ctx.consumer)
-        _seen[ctx.consumer] = limit
+    limit = ctx.config[KEY]  # read once: the watch queue may bring a change between two reads
+    before, _seen[ctx.consumer] = _seen.get(ctx.consumer), limit
     if before is None:
         ctx.log.info("%s: Config value = %s", ctx.consumer, limit)
     elif before != limit:
         ctx.log.info("%s: New Config Value Received: %s", ctx.consumer, limit)
+    if isinstance(limit, bool) or not isinstance(limit, int | float):
+        # A value set by hand (`edarun config set max_order abc`): fail, so on_error parks the order.
+        raise ValueError(f"max_order must be a number, got {limit!r}")
     verdict = "accepted" if order["amount"] <= limit else "refused"
-    ctx.log.debug("%s: order %s of %s %s (max_order %s)", ctx.consumer, order["id"], order["amount"], verdict, limit)
+    ctx.log.debug(
+        "%s: order %s (%s) %s at max_order %s", ctx.consumer, order["id"], order["amount"], verdict, limit
+    )

@@ -151,10 +151,10 @@ def test_bad_arguments_exit_2(factory, jsonl) -> None:  # type: ignore[no-untype
     assert sent.returncode == 2 and "memory broker" in sent.stderr
 
 
-def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+def test_up_gives_a_watching_consumer_its_config(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
     jsonl("events.jsonl", [{"n": 1}])
     mod = factory.module(
-        "h", "def handle(event, ctx):\n    return None\n\n\ndef repair(event, error, ctx):\n    return None\n"
+        "h", "def handle(event, ctx):\n    print('limit is', ctx.config['limit'], flush=True)\n"
     )
     path = factory.pipeline(
         f"""
@@ -170,8 +170,8 @@ def test_up_refuses_a_policy_it_cannot_run_yet(factory, jsonl) -> None:  # type:
     )
     assert edarun("validate", str(path)).returncode == 0
     result = edarun("up", str(path), "--until-idle")
-    assert result.returncode == 2
-    assert "consumers.worker.watch" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "limit is 5" in result.stdout
 
 
 def test_graph_schema_and_redaction(factory, jsonl) -> None:  # type: ignore[no-untyped-def]

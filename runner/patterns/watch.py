@@ -83,6 +83,9 @@ class ConfigState:
     versions: dict[str, int] = field(default_factory=dict)
     watchers: dict[str, dict[str, Any]] = field(default_factory=dict)  # queue → {service, keys}
     saved: int = 0  # snapshots written so far: the newest wins (a registration changes no version)
+    # Names this line of versions: a state that was lost and begun again counts from 0 under a new
+    # epoch, and watchers start over instead of ignoring "older" versions.
+    epoch: str = field(default_factory=lambda: os.urandom(6).hex())
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -92,6 +95,7 @@ class ConfigState:
                 "versions": self.versions,
                 "watchers": self.watchers,
                 "saved": self.saved,
+                "epoch": self.epoch,
             }
         )
 
@@ -105,6 +109,7 @@ class ConfigState:
                 dict(data["versions"]),
                 dict(data["watchers"]),
                 int(data.get("saved", 0)),
+                str(data.get("epoch", "")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
@@ -121,6 +126,7 @@ class ConfigState:
         return {
             "values": {k: self.values[k] for k in chosen},
             "versions": {k: self.versions[k] for k in chosen},
+            "epoch": self.epoch,
         }
 
 
@@ -244,18 +250,22 @@ class ConfigService:
     async def handle(self, op: str, command: dict[str, Any]) -> None:
         state = self.state
         if op == "set":
-            key, value = str(command["key"]), command["value"]
-            version = state.change(key, value)
+            # One key, or several at once (an edit under --reload): saved and sent as one change.
+            values = command["values"] if "values" in command else {command["key"]: command["value"]}
+            keys = [str(k) for k in values]
+            for key, value in zip(keys, values.values(), strict=True):
+                version = state.change(key, value)
+                self.tracing.decision(
+                    f"config set {key}", {"edarun.config.key": key, "edarun.config.version": version}
+                )
+                if key != POLICY_KEY:
+                    log.info("%s: %s = %s (version %d)", self.name, key, _short(value), version)
             await self._persist()
-            self.tracing.decision(
-                f"config set {key}", {"edarun.config.key": key, "edarun.config.version": version}
-            )
-            if key != POLICY_KEY:
-                log.info("%s: %s = %s (version %d)", self.name, key, _short(value), version)
             for queue, registration in list(state.watchers.items()):
-                if key in registration["keys"]:
-                    await self._notify(queue, state.of([key]))
-            await self._reply(command, state.of([key]))
+                concerned = [k for k in keys if k in registration["keys"]]
+                if concerned:
+                    await self._notify(queue, state.of(concerned))
+            await self._reply(command, state.of(keys))
         elif op == "register":
             queue, watched = str(command["queue"]), [str(k) for k in command["keys"]]
             state.watchers[queue] = {"service": str(command.get("service", queue)), "keys": watched}
@@ -325,6 +335,7 @@ class ConfigWatcher:
         self.config: Mapping[str, Any] = MappingProxyType(self.values)
         self.policy: Any = None
         self.versions: dict[str, int] = {}
+        self.epoch: str | None = None
         self._request = os.urandom(8).hex()
         self._answered = asyncio.Event()
         self._sub: Subscription | None = None
@@ -362,6 +373,11 @@ class ConfigWatcher:
             await delivery.ack()
 
     def apply(self, payload: dict[str, Any]) -> None:
+        epoch = payload.get("epoch")
+        if epoch is not None and epoch != self.epoch:
+            if self.epoch is not None:
+                log.warning("%s: the config service's state was begun again; versions restart", self.service)
+            self.epoch, self.versions = epoch, {}
         versions = payload.get("versions", {})
         for key, value in payload["values"].items():
             version = int(versions.get(key, 0))

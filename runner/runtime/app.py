@@ -393,9 +393,9 @@ class Runner:
         """--reload: edits of the file go to the config service as `set` commands."""
         queue = config_queue(self.loaded.model.name)
 
-        async def send(key: str, value: Any) -> None:
-            command = {"op": "set", "key": key, "value": value}
-            await broker.publish(queue, Message(orjson.dumps(command), f"reload-{key}-{time.time_ns()}"))
+        async def send(values: dict[str, Any]) -> None:
+            command = {"op": "set", "values": values}
+            await broker.publish(queue, Message(orjson.dumps(command), f"reload-{time.time_ns()}"))
 
         return Reloader(self.loaded, send=send, applied=self._reload_applied, refused=self._reload_refused)
 

@@ -42,13 +42,13 @@ class Reloader:
         self,
         loaded: LoadedPipeline,
         *,
-        send: Callable[[str, Any], Awaitable[None]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
         applied: Callable[[LoadedPipeline, list[str]], None] | None = None,
         refused: Callable[[list[str]], None] | None = None,
         every: float = CHECK_EVERY,
     ) -> None:
         self.loaded = loaded  # the file as the services run it
-        self.send = send  # (key, value): a `set` command to the config service
+        self.send = send  # {key: value}: one `set` command to the config service
         self.applied = applied
         self.refused = refused
         self.every = every
@@ -98,13 +98,16 @@ class Reloader:
             if self.refused is not None:
                 self.refused(lines)
             return
+        values = dict(changes.config)
+        if any(not line.startswith("config.") for line in changes.live):
+            values[POLICY_KEY] = policy_document(edited.model)
         try:
-            for key, value in changes.config.items():
-                await self.send(key, value)
-            if any(not line.startswith("config.") for line in changes.live):
-                await self.send(POLICY_KEY, policy_document(edited.model))
+            await self.send(values)  # one command: the config service applies all of it or none
         except BrokerError as exc:
-            log.error("the edit could not be sent to the config service (%s); save the file again", exc)
+            lines = [f"the edit could not be sent to the config service ({exc}); save the file again"]
+            log.error("%s", lines[0])
+            if self.refused is not None:
+                self.refused(lines)
             return
         self.loaded = edited
         for line in changes.live:

@@ -228,3 +228,32 @@ def test_state_snapshot_round_trip() -> None:
     assert again == state
     assert ConfigState.decode(b"not json") is None
     assert replies_exchange("p") == "p.config.replies"
+
+
+def test_a_watcher_starts_over_when_the_state_was_begun_again() -> None:
+    watcher = ConfigWatcher("p", "s", ["limit"], {"limit": 1}, broker=None, tracing=Tracing())  # type: ignore[arg-type]
+    watcher.apply({"values": {"limit": 30}, "versions": {"limit": 3}, "epoch": "first"})
+    # The state queue was deleted: a new config service counts from 0 under a new epoch.
+    watcher.apply({"values": {"limit": 2}, "versions": {"limit": 1}, "epoch": "second"})
+    assert watcher.config["limit"] == 2
+    watcher.apply({"values": {"limit": 4}, "versions": {"limit": 2}, "epoch": "second"})
+    watcher.apply({"values": {"limit": 4}, "versions": {"limit": 2}, "epoch": "second"})  # a duplicate
+    assert watcher.config["limit"] == 4 and watcher.versions == {"limit": 2}
+
+
+async def test_several_values_change_as_one(bus: Broker, broker_url: str) -> None:
+    name = unique("many")
+    tracing = Tracing()
+    config = ConfigService(name, {"a": 1, "b": 1}, broker=bus, tracing=tracing)
+    await config.start()
+    watcher = ConfigWatcher(name, "w", ["a", "b"], {"a": 1, "b": 1}, broker=bus, tracing=tracing)
+    try:
+        await watcher.start(timeout=5.0)
+        answer = await ConfigClient(name, bus).request({"op": "set", "values": {"a": 2, "b": 3}}, 5.0)
+        assert answer is not None and answer["values"] == {"a": 2, "b": 3}
+        await settled(lambda: dict(watcher.config) == {"a": 2, "b": 3})
+        assert watcher.versions == {"a": 1, "b": 2}
+    finally:
+        await watcher.close()
+        await config.stop()
+        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("w")])

@@ -9,6 +9,7 @@ parks it in the dashboard: it is never silently dropped.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,9 @@ def place_trade(trade: Event, ctx: Context) -> Event:
     Raises TradeRejected for a malformed trade; the consumer's `on_error` takes it from there.
     """
     shares, price = _checked(trade)
+    latency = ctx.config.get("exchange_latency_ms")  # watched in trading.yaml (pattern 4)
+    if latency:
+        time.sleep(latency / 1000)  # the exchange's round trip: blocking, so in a worker thread
     status = "placed" if trade["kind"] == "PLACE" else "cancelled"
     ctx.log.debug("worker %d: %s %s", ctx.worker, status, trade["id"])
     return {

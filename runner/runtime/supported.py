@@ -15,8 +15,6 @@ def unsupported(model: Pipeline) -> list[str]:
     def refuse(where: str, what: str) -> None:
         problems.append(f"{where}: {what} is not supported by this version of edarun yet")
 
-    if model.brokers:
-        refuse("brokers", "multi-broker (pattern 9)")
     for name, consumer in model.consumers.items():
         where = f"consumers.{name}"
         if consumer.watch:

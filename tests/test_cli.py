@@ -242,6 +242,19 @@ def laned(factory, jsonl):  # type: ignore[no-untyped-def]
     )
 
 
+def test_graph_shows_the_brokers_and_the_spread(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    brokers = 'brokers: ["amqp://bob:hunter2@a:5672/", "amqp://bob:hunter2@b:5672/"]\nspread: by_context(n)'
+    path.write_text(path.read_text().replace("plugins: [plugins]", f"plugins: [plugins]\n{brokers}"))
+    mermaid = edarun("graph", str(path))
+    assert mermaid.returncode == 0, mermaid.stderr
+    assert 'subgraph brokers["every queue on each broker; spread: by_context(n)"]' in mermaid.stdout
+    assert 'broker_1[("amqp://bob:***@b:5672/")]' in mermaid.stdout and "hunter2" not in mermaid.stdout
+    dot = edarun("graph", str(path), "--format", "dot")
+    assert 'broker_0 [label="amqp://bob:***@a:5672/", shape=box3d];' in dot.stdout
+    assert "hunter2" not in dot.stdout
+
+
 def test_graph_draws_the_priority_lane(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
     path = laned(factory, jsonl)
     mermaid = edarun("graph", str(path))

@@ -255,6 +255,43 @@ def test_graph_shows_the_brokers_and_the_spread(factory, jsonl) -> None:  # type
     assert "hunter2" not in dot.stdout
 
 
+async def test_send_spreads_like_a_producer_over_the_brokers(  # type: ignore[no-untyped-def]
+    factory, jsonl, second_node
+) -> None:
+    import asyncio
+
+    import aio_pika
+    from conftest import AMQP_URL, delete_queues
+
+    path = two_stage(factory, jsonl, count=1)
+    urls = [AMQP_URL, second_node.url]
+    brokers = f"brokers: {json.dumps(urls)}\nspread: by_context(account)"
+    path.write_text(path.read_text().replace("plugins: [plugins]", f"plugins: [plugins]\n{brokers}"))
+    queue = "orders"
+    for url in urls:
+        await delete_queues([queue], url)
+    try:
+        for n in range(12):
+            event = json.dumps({"n": n, "account": f"acct-{n % 6}"})
+            sent = await asyncio.to_thread(edarun, "send", str(path), queue, event)
+            assert sent.returncode == 0, sent.stderr
+        accounts: list[set[str]] = []
+        for url in urls:
+            connection = await aio_pika.connect(url)
+            async with connection:
+                channel = await connection.channel()
+                amqp_queue = await channel.get_queue(queue)
+                seen = set()
+                while (got := await amqp_queue.get(fail=False)) is not None:
+                    seen.add(json.loads(got.body)["account"])
+                accounts.append(seen)
+        assert accounts[0] and accounts[1], accounts  # both brokers took some
+        assert accounts[0].isdisjoint(accounts[1]) and len(accounts[0] | accounts[1]) == 6
+    finally:
+        for url in urls:
+            await delete_queues([queue], url)
+
+
 def test_graph_draws_the_priority_lane(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
     path = laned(factory, jsonl)
     mermaid = edarun("graph", str(path))

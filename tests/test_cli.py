@@ -141,6 +141,17 @@ def test_unreachable_or_unsupported_broker_is_one_line(factory, jsonl) -> None: 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_no_broker_of_several_answering_is_one_line(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    brokers = 'brokers: ["amqp://bob:hunter2@127.0.0.1:1/", "amqp://bob:hunter2@127.0.0.1:2/"]'
+    path.write_text(path.read_text().replace("plugins: [plugins]", f"plugins: [plugins]\n{brokers}"))
+    result = edarun("up", str(path), "--connect-timeout", "2")
+    assert result.returncode == 1
+    assert "hunter2" not in result.stdout + result.stderr
+    assert result.stderr.startswith("cannot reach the brokers amqp://bob:***@127.0.0.1:1/, amqp://bob:***@")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_bad_arguments_exit_2(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
     path = two_stage(factory, jsonl, count=1)
     assert edarun("up", str(path), "--only", "nobody").returncode == 2

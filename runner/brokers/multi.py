@@ -81,7 +81,7 @@ class MultiBroker:
         )
         if all(isinstance(outcome, BaseException) for outcome in outcomes):
             first = next(o for o in outcomes if isinstance(o, BaseException))
-            raise BrokerError(f"no broker of {self.url} answered: {first or type(first).__name__}")
+            raise BrokerError(f"no broker answered ({first or type(first).__name__})")
         for member, outcome in zip(self.members, outcomes, strict=True):
             member.watch(functools.partial(self._member_changed, member))
             if isinstance(outcome, BaseException):

@@ -95,8 +95,12 @@ async def connect(loaded: LoadedPipeline, override: str | None, timeout: float) 
         await asyncio.wait_for(broker.connect(timeout), timeout)
     except (TimeoutError, BrokerError, OSError) as exc:
         detail = redact_text(str(exc)) or "timed out"
-        where = " or ".join(redact_url(url) for url in urls)
-        raise RunError(f"cannot reach broker {where} within {timeout:g}s: {detail}", EXIT_FAILURE) from None
+        where = (
+            f"broker {redact_url(urls[0])}"
+            if len(urls) == 1
+            else "the brokers " + ", ".join(map(redact_url, urls))
+        )
+        raise RunError(f"cannot reach {where} within {timeout:g}s: {detail}", EXIT_FAILURE) from None
     return broker
 
 

@@ -85,7 +85,8 @@ class MultiBroker:
         for member, outcome in zip(self.members, outcomes, strict=True):
             member.watch(functools.partial(self._member_changed, member))
             if isinstance(outcome, BaseException):
-                log.warning("broker %s unreachable (%s); going on with the others", member.url, outcome)
+                why = str(outcome) or type(outcome).__name__
+                log.warning("broker %s unreachable (%s); going on with the others", member.url, why)
                 self._join_later(member, connect=timeout)
             else:
                 self.ready.append(member)
@@ -125,12 +126,8 @@ class MultiBroker:
                 if connect is not None:
                     await asyncio.wait_for(member.connect(connect), connect)
                     connect = None
-                if member.available:
-                    for queue in list(self._declared):
-                        await member.declare(queue)
-                    for merged, opener in list(self._live.items()):
-                        await self._attach(merged, member, opener)
-                    if member.available and member not in self.ready:
+                if member.available and await self._catch_up(member):
+                    if member not in self.ready:  # no await since the check: nothing opened meanwhile
                         self.ready.append(member)
                         self.ready.sort(key=self.members.index)
                         log.warning("broker %s is back; publishing to it again", member.url)
@@ -139,6 +136,22 @@ class MultiBroker:
             except (BrokerError, OSError, TimeoutError) as exc:
                 log.debug("broker %s not back yet: %s", member.url, exc)
             await self._wait_change(RETRY_S)
+
+    async def _catch_up(self, member: Member) -> bool:
+        """Declare every queue on `member` and open there every consumer's subscription (those
+        opened while this runs too); False when it failed on the way."""
+        declared: set[str] = set()
+        while True:
+            queues = [queue for queue in self._declared if queue not in declared]
+            missing = [(m, opener) for m, opener in self._live.items() if member not in m.children]
+            if not queues and not missing:
+                return member.available
+            for queue in queues:
+                await member.declare(queue)
+                declared.add(queue)
+            for merged, opener in missing:
+                if not await self._attach(merged, member, opener):
+                    return False
 
     async def _wait_change(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -235,22 +248,24 @@ class MultiBroker:
         merged = MergedSubscription(queue, on_end=self._ended)
         self._live[merged] = opener
         for member in list(self.ready):
-            await self._attach(merged, member, opener)
+            if not await self._attach(merged, member, opener):
+                self._leave(member)  # its join opens this one's child too
         return merged
 
     def _ended(self, merged: MergedSubscription) -> None:
         self._live.pop(merged, None)  # cancelled: no broker that joins later opens a child for it
 
-    async def _attach(self, merged: MergedSubscription, member: Member, opener: Opener) -> None:
+    async def _attach(self, merged: MergedSubscription, member: Member, opener: Opener) -> bool:
+        """Open `merged`'s subscription on `member` unless it has one; False when it could not."""
         if merged.cancelled or member in merged.children:
-            return
+            return True
         try:
             child = await asyncio.wait_for(opener(member), ATTACH_TIMEOUT_S)
         except (BrokerUnavailable, TimeoutError):
-            self._leave(member)  # its join attaches this one too
-            return
+            return False
         if not merged.add(member, child):
-            await child.close()
+            await child.close()  # cancelled meanwhile, or opened by a join at the same time
+        return True
 
     async def depth(self, queue: str) -> Depth:
         depths = await asyncio.gather(*(self._depth(member, queue) for member in self.members))

@@ -225,6 +225,38 @@ async def test_a_consumer_started_while_a_broker_was_down_reads_it_once_back() -
     await multi.close()
 
 
+async def test_a_consumer_opened_while_a_broker_rejoins_gets_it_too() -> None:
+    class SlowToDeclare(MemoryBroker):
+        """Its queues come back slowly after an outage: a consumer starts meanwhile."""
+
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            self.hold = asyncio.Event()
+            self.hold.set()
+
+        async def declare(self, queue: str) -> None:
+            await self.hold.wait()
+            await super().declare(queue)
+
+    a, b = MemoryBroker("memory://a"), SlowToDeclare("memory://b")
+    multi = MultiBroker([a, b])
+    await multi.connect(1.0)
+    await multi.declare("q")
+    b.go_down()
+    b.hold.clear()
+    b.come_back()  # its join waits in declare
+    await settle()
+    sub = await multi.consume("q", prefetch=10)
+    assert set(sub.children) == {a} and b not in multi.ready
+    b.hold.set()
+    await settle()
+    assert set(sub.children) == {a, b} and b in multi.ready  # the join opened the late consumer's too
+    await b.publish("q", event(1))
+    assert (await asyncio.wait_for(sub.__anext__(), 1)).broker == "memory://b"
+    await sub.close()
+    await multi.close()
+
+
 async def test_a_subscription_pauses_while_its_broker_is_down() -> None:
     multi, (_, b) = await brokers()
     sub = await multi.consume("q", prefetch=10)

@@ -73,16 +73,14 @@ def validate(pipeline: PipelineArg) -> None:
         markup=False,
     )
     at_least_once = [n for n, c in model.consumers.items() if c.delivery == "at_least_once"]
-    if model.broker == "memory" and not model.brokers and at_least_once:
+    from .config.models import is_memory
+
+    if all(is_memory(url) for url in model.broker_urls) and at_least_once:
         out.print(
             "note: broker 'memory' keeps nothing across a crash of the process; at_least_once "
             f"({', '.join(at_least_once)}) holds within one run only — use amqp:// for durability",
             markup=False,
         )
-    from .runtime.supported import unsupported
-
-    for problem in unsupported(model):
-        out.print(f"note: {problem}; `edarun up` will refuse it", markup=False)
 
 
 @app.command()
@@ -131,9 +129,11 @@ def up(
         view=view,
         reload=reload,
     )
-    url = broker or loaded.model.broker
+    from .config.models import is_memory
+
+    urls = [broker] if broker else loaded.model.broker_urls
     try:
-        if url == "memory":
+        if all(is_memory(url) for url in urls):  # embedded brokers live in this one process
             code = run_pipeline(loaded, options)
         else:
             from .runtime.processes import supervise

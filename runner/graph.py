@@ -1,6 +1,7 @@
 """The topology of a pipeline as Mermaid or Graphviz dot: producers, queues and their priority
 lanes, consumers, emit edges, workflow processors, the dashboard queues where failed events are
-parked, flow monitors and their control exchanges, and the config service with its watch queues."""
+parked, flow monitors and their control exchanges, the config service with its watch queues and,
+with several brokers (pattern 9), the brokers every queue exists on and the spread."""
 
 from __future__ import annotations
 
@@ -92,6 +93,25 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
     return nodes, edges
 
 
+def _on(model: Pipeline) -> str:
+    """Where it runs: the broker, or the brokers and how publishes spread over them."""
+    urls = " + ".join(redact_url(url) for url in model.broker_urls)
+    return f"{urls} ({_spread(model)})" if _brokers(model) else urls
+
+
+def _spread(model: Pipeline) -> str:
+    spread = model.spread
+    how = f"by_context({spread.by})" if spread is not None and spread.by else "round_robin"
+    return f"every queue on each broker; spread: {how}"
+
+
+def _brokers(model: Pipeline) -> list[tuple[str, str]]:
+    """(node id, label) of each broker of a multi-broker pipeline; none for one broker."""
+    if not model.brokers or len(model.brokers) < 2:
+        return []
+    return [(f"broker_{index}", redact_url(url)) for index, url in enumerate(model.brokers)]
+
+
 def _id(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", node)
 
@@ -108,7 +128,12 @@ def mermaid(model: Pipeline) -> str:
         "watch": ("[(", ")]"),
         "exchange": ("{{", "}}"),
     }
-    lines = ["flowchart LR", f"  %% {model.name} on {redact_url(model.broker)}"]
+    lines = ["flowchart LR", f"  %% {model.name} on {_on(model)}"]
+    brokers = _brokers(model)
+    if brokers:
+        lines.append(f'  subgraph brokers["{_spread(model)}"]')
+        lines += [f'    {node}[("{label}")]' for node, label in brokers]
+        lines.append("  end")
     for node, (label, kind) in nodes.items():
         left, right = shapes[kind]
         lines.append(f'  {_id(node)}{left}"{label}"{right}')
@@ -140,8 +165,13 @@ def dot(model: Pipeline) -> str:
     lines = [
         f'digraph "{model.name}" {{',
         "  rankdir=LR;",
-        f'  label="{model.name} on {redact_url(model.broker)}";',
+        f'  label="{model.name} on {_on(model)}";',
     ]
+    brokers = _brokers(model)
+    if brokers:
+        lines.append(f'  subgraph cluster_brokers {{ label="{_spread(model)}";')
+        lines += [f'    {node} [label="{label}", shape=box3d];' for node, label in brokers]
+        lines.append("  }")
     for node, (label, kind) in nodes.items():
         extra = f', style=filled, fillcolor="{fills[kind]}"' if kind in fills else ""
         lines.append(f'  {_id(node)} [label="{label}", shape={shapes[kind]}{extra}];')

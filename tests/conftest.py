@@ -7,14 +7,19 @@ import contextlib
 import itertools
 import os
 import socket
+import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runner.brokers import Broker, connect_url
+
+# tools/rabbitmq_node.py: the second RabbitMQ node of the multi-broker tests (pattern 9).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import rabbitmq_node
 
 # Every transport and pattern test runs on each of these brokers.
 BROKERS = ["memory", "amqp"]
@@ -58,11 +63,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _rabbitmqctl("delete_vhost", _VHOST)
 
 
-async def delete_queues(names: list[str]) -> None:
+async def delete_queues(names: list[str], url: str = AMQP_URL) -> None:
     """Remove what a test declared on RabbitMQ (queues outlive the test there)."""
     import aio_pika
 
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(url)
     async with connection:
         for name in names:
             channel = await connection.channel()
@@ -77,6 +82,33 @@ def broker_url(request: pytest.FixtureRequest) -> str:
         amqp_available()
         return AMQP_URL
     return "memory"
+
+
+@pytest.fixture(scope="session")
+def second_node() -> Iterator[rabbitmq_node.RabbitNode]:
+    """A second RabbitMQ node of the session's own, beside 127.0.0.1:5672 (pattern 9): started for
+    the first test that needs it, stopped at the end of the session, also when tests failed."""
+    amqp_available()
+    node = rabbitmq_node.RabbitNode("edarun-test-b")
+    try:
+        node.start()
+    except rabbitmq_node.NodeError as exc:
+        if REQUIRE_AMQP:
+            pytest.fail(f"a second RabbitMQ node is required (EDARUN_REQUIRE_AMQP=1): {exc}")
+        pytest.skip(f"cannot start a second RabbitMQ node: {exc}")
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(params=BROKERS)
+def multi_urls(request: pytest.FixtureRequest) -> list[str]:
+    """Two brokers for a multi-broker test: two embedded ones, or RabbitMQ and a second node."""
+    if request.param == "amqp":
+        node: rabbitmq_node.RabbitNode = request.getfixturevalue("second_node")
+        return [AMQP_URL, node.url]
+    return ["memory://a", "memory://b"]
 
 
 @pytest.fixture

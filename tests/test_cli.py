@@ -141,6 +141,17 @@ def test_unreachable_or_unsupported_broker_is_one_line(factory, jsonl) -> None: 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_no_broker_of_several_answering_is_one_line(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    brokers = 'brokers: ["amqp://bob:hunter2@127.0.0.1:1/", "amqp://bob:hunter2@127.0.0.1:2/"]'
+    path.write_text(path.read_text().replace("plugins: [plugins]", f"plugins: [plugins]\n{brokers}"))
+    result = edarun("up", str(path), "--connect-timeout", "2")
+    assert result.returncode == 1
+    assert "hunter2" not in result.stdout + result.stderr
+    assert result.stderr.startswith("cannot reach the brokers amqp://bob:***@127.0.0.1:1/, amqp://bob:***@")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_bad_arguments_exit_2(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
     path = two_stage(factory, jsonl, count=1)
     assert edarun("up", str(path), "--only", "nobody").returncode == 2
@@ -240,6 +251,56 @@ def laned(factory, jsonl):  # type: ignore[no-untyped-def]
             priority_lane: {{when: 'kind == "CANCEL"', mode: carpool, carpool: 2}}
         """
     )
+
+
+def test_graph_shows_the_brokers_and_the_spread(factory, jsonl) -> None:  # type: ignore[no-untyped-def]
+    path = two_stage(factory, jsonl, count=1)
+    brokers = 'brokers: ["amqp://bob:hunter2@a:5672/", "amqp://bob:hunter2@b:5672/"]\nspread: by_context(n)'
+    path.write_text(path.read_text().replace("plugins: [plugins]", f"plugins: [plugins]\n{brokers}"))
+    mermaid = edarun("graph", str(path))
+    assert mermaid.returncode == 0, mermaid.stderr
+    assert 'subgraph brokers["every queue on each broker; spread: by_context(n)"]' in mermaid.stdout
+    assert 'broker_1[("amqp://bob:***@b:5672/")]' in mermaid.stdout and "hunter2" not in mermaid.stdout
+    dot = edarun("graph", str(path), "--format", "dot")
+    assert 'broker_0 [label="amqp://bob:***@a:5672/", shape=box3d];' in dot.stdout
+    assert "hunter2" not in dot.stdout
+
+
+async def test_send_spreads_like_a_producer_over_the_brokers(  # type: ignore[no-untyped-def]
+    factory, jsonl, second_node
+) -> None:
+    import asyncio
+
+    import aio_pika
+    from conftest import AMQP_URL, delete_queues
+
+    path = two_stage(factory, jsonl, count=1)
+    urls = [AMQP_URL, second_node.url]
+    brokers = f"brokers: {json.dumps(urls)}\nspread: by_context(account)"
+    path.write_text(path.read_text().replace("plugins: [plugins]", f"plugins: [plugins]\n{brokers}"))
+    queue = "orders"
+    for url in urls:
+        await delete_queues([queue], url)
+    try:
+        for n in range(12):
+            event = json.dumps({"n": n, "account": f"acct-{n % 6}"})
+            sent = await asyncio.to_thread(edarun, "send", str(path), queue, event)
+            assert sent.returncode == 0, sent.stderr
+        accounts: list[set[str]] = []
+        for url in urls:
+            connection = await aio_pika.connect(url)
+            async with connection:
+                channel = await connection.channel()
+                amqp_queue = await channel.get_queue(queue)
+                seen = set()
+                while (got := await amqp_queue.get(fail=False)) is not None:
+                    seen.add(json.loads(got.body)["account"])
+                accounts.append(seen)
+        assert accounts[0] and accounts[1], accounts  # both brokers took some
+        assert accounts[0].isdisjoint(accounts[1]) and len(accounts[0] | accounts[1]) == 6
+    finally:
+        for url in urls:
+            await delete_queues([queue], url)
 
 
 def test_graph_draws_the_priority_lane(factory, jsonl) -> None:  # type: ignore[no-untyped-def]

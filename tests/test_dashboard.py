@@ -54,12 +54,14 @@ def edarun(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def pipeline(factory: Any) -> Path:
+def pipeline(factory: Any, brokers: list[str] | None = None) -> Path:
     mod = factory.module("dash_trades", HANDLERS)
     return factory.pipeline(
         f"""
         version: 1
         name: dashboard-test
+        {f"brokers: {json.dumps(brokers)}" if brokers else ""}
+        {"spread: by_context(id)" if brokers else ""}
         plugins: [plugins]
         producers:
           feed: {{source: "{mod}:trades", to: dash-trades}}
@@ -127,6 +129,53 @@ async def test_parked_events_outlive_the_run(factory: Any, tmp_path: Path) -> No
         assert f"{first['event']['id']} 2" in done.read_text().splitlines()
     finally:
         await delete_queues(names)
+
+
+async def test_with_several_brokers_the_dashboard_reads_them_all(
+    factory: Any, second_node: Any, tmp_path: Path
+) -> None:
+    """Pattern 9: events are parked on whichever broker a parking publish went to; `list` shows
+    those of every broker (saying where), and `resubmit` and `drop` find them there."""
+    urls = [AMQP_URL, second_node.url]
+    path = pipeline(factory, urls)
+
+    async def dash(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(edarun, "dashboard", str(path), *args)
+
+    loaded = load_pipeline(path)
+    names = [*queues_of(loaded), dashboard_queue("dash-trader")]
+    for url in urls:
+        await delete_queues(names, url)
+    try:
+        up = await asyncio.to_thread(edarun, "up", str(path), "--until-idle", env={"DONE_LOG": "/dev/null"})
+        assert up.returncode == 0, up.stderr[-2000:]
+        listed = await dash("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        records = json.loads(listed.stdout)
+        assert sorted(r["event"]["id"] for r in records) == [i for i in range(200) if i % 20 == 13]
+        parked = {url.replace("guest:guest@", "guest:***@"): await parked_on(url) for url in urls}
+        assert sum(parked.values()) == 10
+        assert {r["broker"] for r in records} == {url for url, count in parked.items() if count}
+        elsewhere = records[-1]
+        resubmitted = await dash("resubmit", elsewhere["id"], "--event", json.dumps({"id": 1, "shares": 7}))
+        assert resubmitted.returncode == 0, resubmitted.stderr
+        dropped = await dash("drop", records[0]["id"], "--yes")
+        assert dropped.returncode == 0, dropped.stderr
+        left = json.loads((await dash("list", "--json")).stdout)
+        assert len(left) == 8 and {elsewhere["id"], records[0]["id"]}.isdisjoint(r["id"] for r in left)
+    finally:
+        for url in urls:
+            await delete_queues(names, url)
+
+
+async def parked_on(url: str) -> int:
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(dashboard_queue("dash-trader"), passive=True)
+        return int(queue.declaration_result.message_count or 0)
 
 
 def test_on_memory_the_dashboard_is_the_report(factory: Any) -> None:

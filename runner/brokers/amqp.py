@@ -3,7 +3,9 @@
 Reconnects are this module's job. The robust connection restores channels, queues, QoS and
 consumers; a publish caught by a dropped connection is sent again once the channel is back (the
 broker may then hold it twice: consumers dedupe by message id); an acknowledgement for a delivery
-of a channel that died is dropped, because the broker delivers that message again.
+of a channel that died is dropped, because the broker delivers that message again. A member of a
+multi-broker (`failover=True`) does not wait for its connection to come back: an operation on it
+while it is down raises `BrokerUnavailable` at once, and the multi-broker turns to another broker.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from ..redact import redact_text, redact_url
-from .base import BrokerError, Delivery, Depth, Message
+from .base import BrokerError, BrokerUnavailable, Delivery, Depth, Message
 
 log = logging.getLogger("edarun.amqp")
 
@@ -58,6 +60,10 @@ class AmqpDelivery:
     @property
     def stale(self) -> bool:
         return self._channel is not self._sub._underlay or self._channel.is_closed
+
+    @property
+    def broker(self) -> str:
+        return self._sub.broker.url
 
     async def ack(self) -> None:
         self._sub.ack(self._channel, self._tag)
@@ -269,11 +275,18 @@ class AmqpBroker:
 
     system = "rabbitmq"
     publish_window = 256  # confirms a producer keeps in flight
+    spread_by: str | None = None
 
-    def __init__(self, url: str, *, queue_types: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, url: str, *, queue_types: dict[str, str] | None = None, failover: bool = False
+    ) -> None:
         self._url = url
         self.url = redact_url(url)
+        self.urls: tuple[str, ...] = (self.url,)
         self.queue_types = queue_types or {}
+        self.failover = failover  # a multi-broker's member: fail at once while down
+        self._up = False  # connected, channels restored
+        self._watchers: list[Callable[[], None]] = []
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._admin_channel: AbstractRobustChannel | None = None
@@ -293,6 +306,7 @@ class AmqpBroker:
         return self._connection
 
     async def connect(self, timeout: float) -> None:
+        self._closing = False  # a multi-broker tries again a member it could not reach
         try:
             self._connection = await aio_pika.connect_robust(
                 self._url, timeout=timeout, reconnect_interval=_RECONNECT_INTERVAL
@@ -306,18 +320,41 @@ class AmqpBroker:
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             await self.close()
             raise BrokerError(redact_text(str(exc)) or type(exc).__name__) from None
+        self._available(True)
 
     def _lost(self, _: Any, reason: BaseException | None = None) -> None:
-        if self._connection is not None and not self._closing:
+        # Called again by each failed attempt to reconnect: said once per outage.
+        if self._connection is not None and not self._closing and self._up:
             detail = redact_text(str(reason)) if reason else "closed"
             log.warning("connection to %s lost (%s); reconnecting", self.url, detail)
+            self._available(False)
 
     def _back(self, *_: Any) -> None:
         log.warning("reconnected to %s", self.url)
+        self._available(True)  # called once the robust connection has restored its channels
+
+    @property
+    def available(self) -> bool:
+        return self._up
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever `available` changes."""
+        self._watchers.append(callback)
+
+    def _available(self, up: bool) -> None:
+        if up != self._up:
+            self._up = up
+            for callback in list(self._watchers):
+                callback()
+
+    def _refuse_while_down(self) -> None:
+        if self.failover and not self._up:
+            raise BrokerUnavailable(f"{self.url} is down")
 
     async def declare(self, queue: str) -> None:
         if queue in self._declared:
             return
+        self._refuse_while_down()
         arguments = {}
         queue_type = self.queue_types.get(queue, "classic")
         if queue_type == "quorum":
@@ -333,9 +370,14 @@ class AmqpBroker:
                 f"queue {queue!r} exists on the broker with other settings ({exc}); "
                 "delete it or match its type"
             ) from None
+        except _RETRYABLE as exc:
+            if not self.failover:
+                raise
+            raise BrokerUnavailable(f"declare {queue!r} on {self.url}: {redact_text(str(exc))}") from None
         self._declared.add(queue)
 
-    async def publish(self, queue: str, message: Message) -> None:
+    async def publish(self, queue: str, message: Message) -> str:
+        self._refuse_while_down()
         channel = self._publish_channel
         if channel is None:
             raise BrokerError("not connected")
@@ -359,12 +401,15 @@ class AmqpBroker:
                     await self._turn(ticket)
                 try:
                     await channel.default_exchange.publish(outgoing, routing_key=queue, mandatory=True)
-                    return
+                    return self.url
                 except aio_pika.exceptions.PublishError:
                     raise BrokerError(f"queue {queue!r} does not exist (unroutable message)") from None
                 except aiormq.exceptions.DeliveryError as exc:
                     raise BrokerError(f"the broker refused a message for {queue!r}: {exc}") from None
                 except _RETRYABLE as exc:
+                    if self.failover:  # not confirmed: the multi-broker sends it to another broker
+                        detail = redact_text(str(exc)) or type(exc).__name__
+                        raise BrokerUnavailable(f"publish to {queue!r} on {self.url}: {detail}") from None
                     if time.monotonic() > deadline:
                         raise BrokerError(f"publish to {queue!r} failed: {redact_text(str(exc))}") from None
                     # The confirm was lost with the connection: send again once the channel is back.
@@ -398,11 +443,21 @@ class AmqpBroker:
 
     async def consume(self, queue: str, *, prefetch: int) -> AmqpSubscription:
         sub = AmqpSubscription(self, queue, prefetch)
-        await sub.start()
+        await self._start(sub)
         self.subscriptions.add(sub)
         return sub
 
+    async def _start(self, sub: AmqpSubscription, exchange: str | None = None) -> None:
+        self._refuse_while_down()
+        try:
+            await sub.start(exchange)
+        except _RETRYABLE as exc:
+            if not self.failover:
+                raise
+            raise BrokerUnavailable(f"consume {sub.queue!r} on {self.url}: {redact_text(str(exc))}") from None
+
     async def broadcast(self, exchange: str, message: Message) -> None:
+        self._refuse_while_down()
         channel = self._publish_channel
         if channel is None:
             raise BrokerError("not connected")
@@ -423,13 +478,14 @@ class AmqpBroker:
 
     async def listen(self, exchange: str) -> AmqpSubscription:
         sub = AmqpSubscription(self, exchange, prefetch=100)
-        await sub.start(exchange=exchange)
+        await self._start(sub, exchange)
         self.subscriptions.add(sub)
         return sub
 
     async def depth(self, queue: str) -> Depth:
         """Ready messages as the broker counts them. AMQP does not report unacknowledged messages,
         so `unacked` counts those this process holds (its consumers' outstanding deliveries)."""
+        self._refuse_while_down()
         channel = self._admin_channel
         assert channel is not None
         while True:
@@ -441,7 +497,10 @@ class AmqpBroker:
             except aiormq.exceptions.ChannelNotFoundEntity:
                 await channel.reopen()
                 return Depth(0, 0)
-            except _RETRYABLE:
+            except _RETRYABLE as exc:
+                if self.failover:  # down: a multi-broker counts its depth as unknown
+                    detail = redact_text(str(exc)) or type(exc).__name__
+                    raise BrokerUnavailable(f"depth of {queue!r} on {self.url}: {detail}") from None
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:

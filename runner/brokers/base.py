@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 
 @dataclass(slots=True)
 class Message:
@@ -18,6 +20,12 @@ class Message:
     message_id: str
     headers: dict[str, Any] = field(default_factory=dict)
     persistent: bool = True
+    # The spread key of a multi-broker with `spread: by_context` (see `spread_key`), when the
+    # publisher was asked for it (`Broker.spread_by`); None: not given, the broker reads the body.
+    key: bytes | None = None
+    # Messages with the same pin stay on one broker of a multi-broker, whatever the spread: a
+    # line of control messages (pattern 4's versions) that must not overtake one another.
+    pin: bytes | None = None
 
 
 class Delivery(Protocol):
@@ -28,6 +36,10 @@ class Delivery(Protocol):
     headers: dict[str, Any]
     redelivered: bool
     queue: str
+
+    @property
+    def broker(self) -> str:
+        """The URL (credentials redacted) of the broker it came from."""
 
     @property
     def stale(self) -> bool:
@@ -47,6 +59,9 @@ class Depth:
 
     ready: int
     unacked: int
+    # False when a broker that may hold more of the queue did not answer (a multi-broker's member
+    # that is down): the figures are a floor, and the queue cannot be taken for empty.
+    complete: bool = True
 
     @property
     def total(self) -> int:
@@ -94,18 +109,27 @@ class BrokerError(RuntimeError):
     """A broker operation that failed (unreachable broker, unroutable message, closed connection)."""
 
 
+class BrokerUnavailable(BrokerError):
+    """The broker is down, or went down before it confirmed: a publish may or may not have been
+    taken, so a multi-broker sends it to another broker (at-least-once: it may be on both)."""
+
+
 class Broker(Protocol):
     url: str  # credentials redacted: safe to print, log and trace
+    urls: tuple[str, ...]  # the brokers behind it, redacted: one, or a multi-broker's members
     system: str  # messaging.system of the spans
     publish_window: int  # publishes a producer may keep in flight awaiting their confirms
+    # The event field a publisher should pass as `Message.key` (`spread_key`), or None.
+    spread_by: str | None
 
     async def connect(self, timeout: float) -> None: ...
 
     async def declare(self, queue: str) -> None:
         """Create the queue if missing (idempotent)."""
 
-    async def publish(self, queue: str, message: Message) -> None:
-        """Returns once the broker has taken responsibility (a publisher confirm on RabbitMQ)."""
+    async def publish(self, queue: str, message: Message) -> str:
+        """Returns once the broker has taken responsibility (a publisher confirm on RabbitMQ): the
+        URL (redacted) of the broker that took it."""
 
     async def consume(self, queue: str, *, prefetch: int) -> Subscription: ...
 
@@ -120,3 +144,16 @@ class Broker(Protocol):
         control messages: one queue per producer, not one shared queue)."""
 
     async def close(self) -> None: ...
+
+
+def spread_key(event: dict[str, Any], field: str) -> bytes:
+    """The spread key of an event (pattern 9): the JSON of its value at the dotted `field`, or b""
+    when it has none to keep together (missing, or not a string, number or boolean)."""
+    value: Any = event
+    for part in field.split("."):
+        if not isinstance(value, dict):
+            return b""
+        value = value.get(part)
+    if isinstance(value, str | int | float | bool):
+        return orjson.dumps(value)
+    return b""

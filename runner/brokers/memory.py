@@ -2,7 +2,8 @@
 
 It mirrors RabbitMQ's delivery semantics (requeued messages go back to the head and are marked
 redelivered; a cancelled consumer's unacknowledged messages return to the queue) but keeps nothing
-across a crash of the process.
+across a crash of the process. `memory://name` names one of several in a process (a multi-broker's
+members); `go_down` and `come_back` stand for an outage of one, as a stopped RabbitMQ node would be.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .base import BrokerError, Delivery, Depth, Message
+from .base import BrokerError, BrokerUnavailable, Delivery, Depth, Message
 
 # Publishing and consuming never block on an in-memory queue; yield to the loop now and then so a
 # fast producer or consumer cannot starve the other tasks (timers, signals, the live view).
@@ -25,13 +26,16 @@ class MemoryDelivery:
     Requeueing puts a fresh copy back, so a late acknowledgement of the old one changes nothing.
     """
 
-    __slots__ = ("_sub", "body", "headers", "message_id", "queue", "redelivered")
+    __slots__ = ("_sub", "body", "broker", "headers", "message_id", "queue", "redelivered")
 
-    def __init__(self, body: bytes, message_id: str, headers: dict[str, Any], queue: str) -> None:
+    def __init__(
+        self, body: bytes, message_id: str, headers: dict[str, Any], queue: str, broker: str
+    ) -> None:
         self.body = body
         self.message_id = message_id
         self.headers = headers
         self.queue = queue
+        self.broker = broker
         self.redelivered = False
         self._sub: MemorySubscription | None = None
 
@@ -40,7 +44,7 @@ class MemoryDelivery:
         return False  # nothing here outlives its connection
 
     def again(self) -> MemoryDelivery:
-        copy = MemoryDelivery(self.body, self.message_id, self.headers, self.queue)
+        copy = MemoryDelivery(self.body, self.message_id, self.headers, self.queue, self.broker)
         copy.redelivered = True
         return copy
 
@@ -56,8 +60,10 @@ class MemoryDelivery:
 
 
 class _Queue:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, broker: str, *, down: bool = False) -> None:
         self.name = name
+        self.broker = broker
+        self.down = down  # its broker is down: nothing is handed out until it comes back
         self.ready: deque[MemoryDelivery] = deque()
         self.waiting: deque[MemorySubscription] = deque()
         self.subscriptions: set[MemorySubscription] = set()
@@ -69,6 +75,10 @@ class _Queue:
 
     def put_back(self, items: list[MemoryDelivery]) -> None:
         self.ready.extendleft(reversed(items))
+        self._wake()
+
+    def resume(self) -> None:
+        self.down = False
         self._wake()
 
     def _wake(self) -> None:
@@ -111,7 +121,7 @@ class MemorySubscription:
 
     def poll(self) -> MemoryDelivery | None:
         queue = self.queue
-        if self._cancelled or not queue.ready or len(self.unacked) >= self.prefetch:
+        if self._cancelled or not queue.ready or len(self.unacked) >= self.prefetch or queue.down:
             return None
         delivery = queue.ready.popleft()
         delivery._sub = self
@@ -194,56 +204,103 @@ class MemoryBroker:
 
     system = "memory"
     publish_window = 1  # a publish is confirmed at once: nothing to pipeline
+    spread_by: str | None = None
 
     def __init__(self, url: str = "memory") -> None:
         self.url = url
+        self.urls: tuple[str, ...] = (url,)
         self._queues: dict[str, _Queue] = {}
         self._exchanges: dict[str, set[_Queue]] = {}  # fanout exchange → the queues bound to it
         self._listeners = 0
         self._closed = False
+        self._down = False
+        self._watchers: list[Callable[[], None]] = []
         self._since_yield = 0
 
     async def connect(self, timeout: float) -> None:
         return None
 
+    # -- an outage, as a multi-broker sees one -------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return not self._down
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever `available` changes."""
+        self._watchers.append(callback)
+
+    def go_down(self) -> None:
+        """Refuse every operation and hand out nothing, keeping what the queues hold (a stopped
+        node keeps its persistent messages); deliveries already handed out can still be settled."""
+        self._down = True
+        for queue in self._all_queues():
+            queue.down = True
+        self._changed()
+
+    def come_back(self) -> None:
+        self._down = False
+        for queue in self._all_queues():
+            queue.resume()
+        self._changed()
+
+    def _all_queues(self) -> list[_Queue]:
+        return [*self._queues.values(), *(q for bound in self._exchanges.values() for q in bound)]
+
+    def _changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
+
+    def _check(self, *, sending: bool = False) -> None:
+        if sending and self._closed:
+            raise BrokerError(f"the memory broker {self.url} is closed")
+        if self._down:
+            raise BrokerUnavailable(f"the memory broker {self.url} is down")
+
+    # -- the protocol ----------------------------------------------------------------------------
+
     def _queue(self, name: str) -> _Queue:
         queue = self._queues.get(name)
         if queue is None:
-            queue = self._queues[name] = _Queue(name)
+            queue = self._queues[name] = _Queue(name, self.url, down=self._down)
         return queue
 
     async def declare(self, queue: str) -> None:
+        self._check()
         self._queue(queue)
 
-    async def publish(self, queue: str, message: Message) -> None:
-        if self._closed:
-            raise BrokerError("the memory broker is closed")
+    async def publish(self, queue: str, message: Message) -> str:
+        if self._closed or self._down:
+            self._check(sending=True)
         target = self._queues.get(queue)
         if target is None:
             raise BrokerError(f"queue {queue!r} does not exist (unroutable message)")
-        target.put(MemoryDelivery(message.body, message.message_id, message.headers, queue))
+        target.put(MemoryDelivery(message.body, message.message_id, message.headers, queue, self.url))
         self._since_yield += 1
         if self._since_yield >= _YIELD_EVERY:
             self._since_yield = 0
             await asyncio.sleep(0)
+        return self.url
 
     async def consume(self, queue: str, *, prefetch: int) -> MemorySubscription:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        self._check()
         target = self._queue(queue)
         sub = MemorySubscription(target, prefetch)
         target.subscriptions.add(sub)
         return sub
 
     async def broadcast(self, exchange: str, message: Message) -> None:
-        if self._closed:
-            raise BrokerError("the memory broker is closed")
+        self._check(sending=True)
         for queue in list(self._exchanges.get(exchange, ())):
-            queue.put(MemoryDelivery(message.body, message.message_id, dict(message.headers), queue.name))
+            headers = dict(message.headers)
+            queue.put(MemoryDelivery(message.body, message.message_id, headers, queue.name, self.url))
 
     async def listen(self, exchange: str) -> MemorySubscription:
+        self._check()
         self._listeners += 1
-        queue = _Queue(f"{exchange}.listener-{self._listeners}")
+        queue = _Queue(f"{exchange}.listener-{self._listeners}", self.url)
         bound = self._exchanges.setdefault(exchange, set())
         bound.add(queue)
         sub = MemorySubscription(queue, prefetch=100)
@@ -252,6 +309,7 @@ class MemoryBroker:
         return sub
 
     async def depth(self, queue: str) -> Depth:
+        self._check()
         target = self._queues.get(queue)
         if target is None:
             return Depth(0, 0)

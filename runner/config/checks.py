@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from . import policy, refs
-from .policies import OnError, Source
+from .policies import OnError, Ordering, Source, Spread
 from .policy import REF
 from .yamlpos import Loc
 
@@ -33,6 +33,7 @@ def check_pipeline(raw: dict[str, Any], base_dir: Path, *, check_refs: bool) -> 
         yield ("brokers",), "expected either 'broker' or 'brokers', not both"
     if raw.get("spread") is not None and not raw.get("brokers"):
         yield ("spread",), "'spread' needs 'brokers' (several brokers to spread over)"
+    yield from _spread(raw, consumers)
     for name in consumers:
         if name in producers:
             yield (
@@ -95,6 +96,25 @@ def _consumer(loc: Loc, consumer: dict[str, Any], config: Any) -> Iterator[Probl
                 "scale inside it with concurrency or autoscale"
             ),
         )
+
+
+def _spread(raw: dict[str, Any], consumers: dict[str, dict[str, Any]]) -> Iterator[Problem]:
+    """Multi-broker (pattern 9): an ordered consumer reads every broker at once, so the order of a
+    context holds only if all its events are on one broker, which `spread: by_context` ensures."""
+    brokers = raw.get("brokers")
+    if not isinstance(brokers, list) or len(brokers) < 2:
+        return
+    spread = _valid(Spread, raw["spread"]) if raw.get("spread") is not None else Spread()
+    if spread is None or spread.mode == "by_context":
+        return  # a different field than the ordering's is the user's call: one may imply the other
+    for name, consumer in consumers.items():
+        ordering = _valid(Ordering, consumer["ordering"]) if consumer.get("ordering") is not None else None
+        if ordering is not None:
+            yield (
+                ("consumers", name, "ordering"),
+                f"ordering over several brokers needs 'spread: by_context({ordering.by})' (round_robin "
+                "puts the events of one context on different brokers, and their order is lost)",
+            )
 
 
 def _lanes(

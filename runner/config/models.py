@@ -64,6 +64,7 @@ __all__ = [
     "Telemetry",
     "Traces",
     "check_broker_url",
+    "is_memory",
 ]
 
 
@@ -193,12 +194,12 @@ class Queue(Model):
     )
 
 
-def _amqp_url(url: str) -> str:
-    return check_broker_url(url, allow_memory=False)
+def _member_url(url: str) -> str:
+    return check_broker_url(url, plain_memory=False)
 
 
 # Checked one by one, so an error names the URL's place in the list (brokers[1]).
-BrokerUrl = Annotated[str, AfterValidator(_amqp_url)]
+BrokerUrl = Annotated[str, AfterValidator(_member_url)]
 
 
 class Pipeline(Model):
@@ -206,9 +207,13 @@ class Pipeline(Model):
 
     version: Literal[1] = Field(description="format version; always 1")
     name: str = Field(pattern=PIPELINE_NAME, description="pipeline name")
-    broker: str = Field(default="memory", description="memory | amqp://user:pass@host:5672/vhost")
+    broker: str = Field(
+        default="memory", description="memory | memory://name | amqp://user:pass@host:5672/vhost"
+    )
     brokers: list[BrokerUrl] | None = Field(
-        default=None, min_length=1, description="pattern 9: several amqp:// brokers"
+        default=None,
+        min_length=1,
+        description="pattern 9: several brokers, all amqp:// or all memory://name (in one process)",
     )
     spread: Spread | None = Field(default=None, description="with brokers: round_robin | by_context(field)")
     plugins: list[str] = Field(default_factory=list, description="folders of handler modules")
@@ -236,17 +241,44 @@ class Pipeline(Model):
     def _broker_scheme(cls, value: str) -> str:
         return check_broker_url(value)
 
+    @field_validator("brokers")
+    @classmethod
+    def _one_kind_each_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len({is_memory(url) for url in value}) > 1:
+            # A memory broker lives in one process; RabbitMQ services run in several.
+            raise ValueError("expected all amqp:// or all memory://name, not a mix")
+        if len(set(value)) < len(value):
+            raise ValueError("a broker is listed twice")
+        return value
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The brokers the pipeline runs on: `brokers`, or the one `broker`."""
+        return list(self.brokers) if self.brokers else [self.broker]
+
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,30}$")
+_MEMORY_NAME = re.compile(r"^memory://[A-Za-z0-9_.-]+$")
 
 
-def check_broker_url(url: str, *, allow_memory: bool = True) -> str:
-    """`url` when it names a broker; the error never repeats the URL, which may hold a password."""
-    if url == "memory" and allow_memory:
+def is_memory(url: str) -> bool:
+    """`memory`, or `memory://name`: an embedded broker of that name, in this process."""
+    return url == "memory" or url.startswith("memory://")
+
+
+def check_broker_url(url: str, *, plain_memory: bool = True) -> str:
+    """`url` when it names a broker; the error never repeats the URL, which may hold a password.
+
+    `plain_memory` is for `broker:`; in `brokers:` each memory broker needs a name of its own."""
+    if (url == "memory" and plain_memory) or _MEMORY_NAME.match(url):
         return url
     scheme, sep, rest = url.partition("://")
+    if scheme == "memory" and sep:
+        raise ValueError("expected 'memory://name' (letters, digits, '.', '_', '-')")
     if not sep or scheme not in ("amqp", "amqps") or not rest:
-        expected = "'memory' or 'amqp://…'" if allow_memory else "'amqp://…'"
+        expected = "'memory' or 'amqp://…'" if plain_memory else "'amqp://…' or 'memory://name'"
         if sep and _SCHEME.match(scheme):
             raise ValueError(f"expected {expected} (scheme {scheme!r} is not a broker)")
         raise ValueError(f"expected {expected}")

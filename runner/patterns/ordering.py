@@ -396,7 +396,7 @@ class OrderedWorkers:
                 since, before = loop.time(), self.arrived[queue]
                 depth = await self.broker.depth(queue)
                 await asyncio.sleep(SWEEP_SETTLE)  # a delivery already on its way lands meanwhile
-                if depth.ready == 0 and self.arrived[queue] == before:
+                if depth.ready == 0 and depth.complete and self.arrived[queue] == before:
                     self.dispatcher.drained(queue, since)
 
     async def _run(self, worker: int, backlog: Backlog) -> None:

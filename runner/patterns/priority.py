@@ -273,7 +273,9 @@ class OrderGuard:
         sequence = sequence_of(delivery)
         if sequence is None:
             return [item]
-        publisher, n = sequence
+        # A queue is FIFO per publisher on each broker, not across a multi-broker's (pattern 9),
+        # whose `spread: by_context` keeps a context's standard and priority events on one broker.
+        publisher, n = f"{sequence[0]}@{delivery.broker}", sequence[1]
         if delivery.queue == self.standard:
             if n > self.routed.get(publisher, 0):
                 self.routed[publisher] = n

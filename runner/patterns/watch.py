@@ -70,8 +70,10 @@ def watch_queue(service: str, instance: int = 1) -> str:
     return f"{service}.watch" if instance == 1 else f"{service}.watch.{instance}"
 
 
-def _message(payload: dict[str, Any]) -> Message:
-    return Message(orjson.dumps(payload), os.urandom(8).hex())
+def _message(payload: dict[str, Any], pipeline: str) -> Message:
+    # Pinned: on several brokers (pattern 9) a pipeline's config traffic stays on one, so a change
+    # never overtakes an earlier one on its way to a watch queue.
+    return Message(orjson.dumps(payload), os.urandom(8).hex(), pin=config_queue(pipeline).encode())
 
 
 @dataclass
@@ -209,7 +211,11 @@ class ConfigService:
         """Publish the state (confirmed); the snapshot it replaces is acknowledged when this one
         arrives back (`_follow_snapshots`)."""
         self.state.saved += 1
-        message = Message(self.state.encode(), f"{self.name}-{self.state.saved}-{os.urandom(4).hex()}")
+        message = Message(
+            self.state.encode(),
+            f"{self.name}-{self.state.saved}-{os.urandom(4).hex()}",
+            pin=config_queue(self.pipeline).encode(),
+        )
         await self.broker.publish(state_queue(self.pipeline), message)
 
     async def _follow_snapshots(self) -> None:
@@ -282,7 +288,7 @@ class ConfigService:
     async def _notify(self, queue: str, payload: dict[str, Any]) -> None:
         log.debug("%s: notifying %s", self.name, queue)
         try:
-            await self.broker.publish(queue, _message(payload))
+            await self.broker.publish(queue, _message(payload, self.pipeline))
         except BrokerError as exc:
             if "does not exist" not in str(exc):
                 raise
@@ -295,7 +301,7 @@ class ConfigService:
         request = command.get("request")
         if request is not None:
             reply = {**payload, "request": request, "version": self.state.version}
-            await self.broker.broadcast(replies_exchange(self.pipeline), _message(reply))
+            await self.broker.broadcast(replies_exchange(self.pipeline), _message(reply, self.pipeline))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -352,7 +358,7 @@ class ConfigWatcher:
             "op": "register", "queue": self.queue, "keys": self.keys, "service": self.service,
             "request": self._request,
         }  # fmt: skip
-        await broker.publish(config_queue(self.pipeline), _message(register))
+        await broker.publish(config_queue(self.pipeline), _message(register, self.pipeline))
         try:
             await asyncio.wait_for(self._answered.wait(), timeout)
         except TimeoutError:
@@ -433,7 +439,7 @@ class ConfigClient:
         try:
             await broker.declare(config_queue(self.pipeline))
             command = {**command, "request": request, "at": time.time()}
-            await broker.publish(config_queue(self.pipeline), _message(command))
+            await broker.publish(config_queue(self.pipeline), _message(command, self.pipeline))
             async with asyncio.timeout(timeout):
                 async for delivery in replies:
                     await delivery.ack()

@@ -229,7 +229,7 @@ class WorkflowProcessor:
             return
         ctx = Context(
             origin, self.consumer, envelope.worker, attempt, delivery.redelivered, delivery.message_id,
-            self.broker.url, self.log, envelope.span,
+            delivery.broker, self.log, envelope.span,
         )  # fmt: skip
         try:
             if self.is_async:

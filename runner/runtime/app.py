@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from ..brokers import Broker, BrokerError, Depth, Message, connect_url
+from ..brokers import Broker, BrokerError, Depth, Message, connect_urls
 from ..config.loader import LoadedPipeline
 from ..config.models import Pipeline
 from ..patterns.flow import SLOW, FlowMonitor, monitor_name
@@ -37,7 +37,6 @@ from .producer import ProducerService
 from .publisher import Publisher
 from .reload import Reloader, policy_document
 from .stats import ConsumerStats, ProducerStats, RunStats
-from .supported import unsupported
 
 log = logging.getLogger("edarun")
 Service = ConsumerService | WorkflowProcessor  # what the runner starts, watches and drains
@@ -81,6 +80,35 @@ async def sample_depths(broker: Broker, loaded: LoadedPipeline, stats: RunStats)
         depth = depths[queue] = await broker.depth(queue)
         stats.observe_depth(queue, depth.ready)
     return depths
+
+
+def broker_urls(loaded: LoadedPipeline, override: str | None = None) -> list[str]:
+    """The brokers a run uses: `--broker` (one), else the file's `brokers:` or `broker:`."""
+    return [override] if override else loaded.model.broker_urls
+
+
+def spread_by(loaded: LoadedPipeline) -> str | None:
+    """The field `spread: by_context(field)` keeps together on one broker (pattern 9), or None."""
+    spread = loaded.model.spread
+    return spread.by if spread is not None and spread.mode == "by_context" else None
+
+
+async def connect(loaded: LoadedPipeline, override: str | None, timeout: float) -> Broker:
+    """The run's broker, connected: one, or a multi-broker over several (pattern 9), which goes on
+    without a member that does not answer yet and joins it when it does. Raises RunError."""
+    urls = broker_urls(loaded, override)
+    try:
+        broker = connect_urls(urls, spread_by=spread_by(loaded), queue_types=queue_types(loaded))
+        await asyncio.wait_for(broker.connect(timeout), timeout)
+    except (TimeoutError, BrokerError, OSError) as exc:
+        detail = redact_text(str(exc)) or "timed out"
+        where = (
+            f"broker {redact_url(urls[0])}"
+            if len(urls) == 1
+            else "the brokers " + ", ".join(map(redact_url, urls))
+        )
+        raise RunError(f"cannot reach {where} within {timeout:g}s: {detail}", EXIT_FAILURE) from None
+    return broker
 
 
 def queue_types(loaded: LoadedPipeline) -> dict[str, str]:
@@ -134,9 +162,6 @@ class Runner:
         self.loaded = loaded
         self.options = options
         model = loaded.model
-        problems = unsupported(model)
-        if problems:
-            raise RunError("\n".join(f"{loaded.path}: {p}" for p in problems), EXIT_INVALID)
         self.flow = {name: q.flow_control for name, q in model.queues.items() if q.flow_control is not None}
         monitors = {monitor_name(q): q for q in self.flow}
         # Pattern 7: each workflow consumer's processor is a service of its own, named as its queue.
@@ -192,17 +217,8 @@ class Runner:
             service_name=model.telemetry.service_name or model.name,
         )
 
-    async def _connect(self, url: str) -> Broker:
-        try:
-            broker = connect_url(url, queue_types=queue_types(self.loaded))
-            await asyncio.wait_for(broker.connect(self.options.connect_timeout), self.options.connect_timeout)
-        except (TimeoutError, BrokerError, OSError) as exc:
-            detail = redact_text(str(exc)) or "timed out"
-            raise RunError(
-                f"cannot reach broker {redact_url(url)} within {self.options.connect_timeout:g}s: {detail}",
-                EXIT_FAILURE,
-            ) from None
-        return broker
+    async def _connect(self) -> Broker:
+        return await connect(self.loaded, self.options.broker, self.options.connect_timeout)
 
     def _most_workers(self, spec: Any) -> int:
         """The most handler calls a consumer can have running at once (carpool workers included)."""
@@ -281,8 +297,7 @@ class Runner:
         config_service: ConfigService | None = None
         outcome = "failed"
         try:
-            url = self.options.broker or self.loaded.model.broker
-            broker = await self._connect(url)
+            broker = await self._connect()
             tracing = self._tracing()
             model = self.loaded.model
             for queue in queues_of(self.loaded):
@@ -393,9 +408,11 @@ class Runner:
         """--reload: edits of the file go to the config service as `set` commands."""
         queue = config_queue(self.loaded.model.name)
 
+        pin = queue.encode()  # with the other config traffic (patterns.watch)
+
         async def send(values: dict[str, Any]) -> None:
             command = {"op": "set", "values": values}
-            await broker.publish(queue, Message(orjson.dumps(command), f"reload-{time.time_ns()}"))
+            await broker.publish(queue, Message(orjson.dumps(command), f"reload-{time.time_ns()}", pin=pin))
 
         return Reloader(self.loaded, send=send, applied=self._reload_applied, refused=self._reload_refused)
 
@@ -450,8 +467,8 @@ class Runner:
                 redact_text(str(exc)),
             )
 
-    async def _sample(self, broker: Broker) -> dict[str, int]:
-        return {q: d.total for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
+    async def _sample(self, broker: Broker) -> dict[str, Depth]:
+        return await sample_depths(broker, self.loaded, self.stats)
 
     async def _watch(self, broker: Broker, consumers: list[Service]) -> str:
         assert self.stop_requested is not None
@@ -483,10 +500,11 @@ class Runner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_requested.wait(), poll)
 
-    def _idle(self, depths: dict[str, int], consumed: set[str], consumers: list[Service]) -> bool:
+    def _idle(self, depths: dict[str, Depth], consumed: set[str], consumers: list[Service]) -> bool:
         if not all(p.done for p in self.stats.producers.values()):
             return False
-        if any(depths.get(q, 0) for q in consumed):
+        # A broker that is down may hold events of the queue (pattern 9): not empty until it answers.
+        if any(d.total or not d.complete for q, d in depths.items() if q in consumed):
             return False
         return all(c.in_flight == 0 and not c.retries.pending and not c.held() for c in consumers)
 

@@ -68,7 +68,7 @@ class ConsumerService:
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler)
         self.broker = broker
-        self.broker_url = broker.url
+        self.several_brokers = len(broker.urls) > 1  # pattern 9: spans say which one
         self.tracing = tracing
         self.stats = stats
         self.executor = executor
@@ -128,6 +128,8 @@ class ConsumerService:
             attributes["edarun.context"] = envelope.context
         if self.lane_queue is not None:
             attributes["edarun.lane"] = envelope.lane
+        if self.several_brokers:
+            attributes["edarun.broker"] = delivery.broker
         with self.tracing.consume_span(
             delivery.queue,
             message_id=delivery.message_id,
@@ -168,7 +170,7 @@ class ConsumerService:
             envelope.attempt,
             delivery.redelivered,
             delivery.message_id,
-            self.broker_url,
+            delivery.broker,
             self.log,
             envelope.span,
             context=envelope.context,

@@ -5,8 +5,9 @@ RabbitMQ these are durable queues, so they can be read after the run, from any m
 `show` take every parked message without acknowledging it and give it back (nothing changes);
 `resubmit` publishes the event (edited, with `--event`) to the queue it was headed for, with the
 next attempt number and its trace context, and then removes it; `drop` removes one, and asks for
-`--yes` first. The embedded `memory` broker lives inside one `edarun up` process: there the
-dashboard is the report's `parked_events`.
+`--yes` first. With several brokers (pattern 9) each has its dashboard queues: they are read on
+every broker, and a resubmitted event is spread as a producer's would be. The embedded `memory`
+broker lives inside one `edarun up` process: there the dashboard is the report's `parked_events`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from ..brokers import BrokerError, connect_url
+from ..brokers import BrokerError
 from ..config.loader import LoadedPipeline
+from ..config.models import is_memory
 from ..patterns.priority import AFTER, SEQUENCE, lane_rules
 from ..patterns.workflow import ERROR_TYPE, HISTORY, REPAIRS
 from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
 from . import loop as event_loop
-from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queue_types
+from .app import EXIT_FAILURE, EXIT_INVALID, RunError, broker_urls, connect
 from .dashboard import ATTEMPTS, CONSUMER, ERROR, PARKED_AT, QUEUE, dashboard_queue, parked_record
 from .publisher import ATTEMPT, Publisher
 
@@ -39,37 +41,62 @@ class Parked:
     record: dict[str, Any]
 
 
+Channels = list[tuple[str, aio_pika.abc.AbstractChannel]]  # (broker URL, a channel on it)
+
+
 class DashboardAdmin:
     def __init__(self, loaded: LoadedPipeline, broker_url: str | None, timeout: float) -> None:
         self.loaded = loaded
-        self.url = broker_url or loaded.model.broker
+        self.override = broker_url
+        self.urls = broker_urls(loaded, broker_url)
         self.timeout = timeout
-        if self.url.startswith("memory"):
+        if any(is_memory(url) for url in self.urls):
             raise RunError(
                 "the memory broker lives inside one `edarun up` process: its parked events are in the "
                 "report (`--report FILE`, parked_events); the dashboard commands need a broker they can "
                 "reach (--broker amqp://… or broker: in the pipeline)",
                 EXIT_INVALID,
             )
-        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.connections: list[tuple[str, aio_pika.abc.AbstractConnection]] = []
 
     async def __aenter__(self) -> DashboardAdmin:
-        try:
-            self.connection = await asyncio.wait_for(aio_pika.connect(self.url), self.timeout)
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            raise RunError(
-                f"cannot reach broker {redact_url(self.url)}: {redact_text(str(exc)) or 'timed out'}",
-                EXIT_FAILURE,
-            ) from None
+        # Every broker: an event parked on one that does not answer would be missing from the list.
+        for url in self.urls:
+            try:
+                connection = await asyncio.wait_for(aio_pika.connect(url), self.timeout)
+            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                await self.__aexit__()
+                raise RunError(
+                    f"cannot reach broker {redact_url(url)}: {redact_text(str(exc)) or 'timed out'}",
+                    EXIT_FAILURE,
+                ) from None
+            self.connections.append((url, connection))
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+        for _url, connection in self.connections:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        self.connections.clear()
 
-    async def take_all(self, channel: aio_pika.abc.AbstractChannel) -> list[Parked]:
-        """Every parked message of every consumer, unacknowledged: closing `channel` gives back
-        whatever is not acknowledged."""
+    async def _channels(self) -> Channels:
+        return [(url, await connection.channel()) for url, connection in self.connections]
+
+    @staticmethod
+    async def _close(channels: Channels) -> None:
+        for _url, channel in channels:  # everything not acknowledged goes back, as it was
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def take_all(self, channels: Channels) -> list[Parked]:
+        """Every parked message of every consumer on every broker, unacknowledged: closing the
+        channels gives back whatever is not acknowledged."""
+        parked = []
+        for url, channel in channels:
+            parked += await self._take(channel, url if len(channels) > 1 else None)
+        return parked
+
+    async def _take(self, channel: aio_pika.abc.AbstractChannel, broker: str | None) -> list[Parked]:
         parked = []
         for consumer in self.loaded.model.consumers:
             try:
@@ -81,19 +108,20 @@ class DashboardAdmin:
                 headers = dict(message.headers or {})
                 record = parked_record(message.message_id or "", _text_headers(headers), message.body)
                 record["consumer"] = record["consumer"] or consumer
+                if broker is not None:
+                    record["broker"] = redact_url(broker)  # where it is parked (pattern 9)
                 parked.append(Parked(message, record))
         return parked
 
     async def records(self) -> list[dict[str, Any]]:
-        assert self.connection is not None
-        channel = await self.connection.channel()
+        channels = await self._channels()
         try:
-            return [p.record for p in await self.take_all(channel)]
+            return [p.record for p in await self.take_all(channels)]
         finally:
-            await channel.close()  # everything goes back, as it was
+            await self._close(channels)
 
-    async def find(self, channel: aio_pika.abc.AbstractChannel, message_id: str) -> Parked:
-        for parked in await self.take_all(channel):
+    async def find(self, channels: Channels, message_id: str) -> Parked:
+        for parked in await self.take_all(channels):
             if parked.record["id"] == message_id:
                 return parked
         raise RunError(
@@ -101,10 +129,9 @@ class DashboardAdmin:
         )
 
     async def resubmit(self, message_id: str, event: dict[str, Any] | None) -> tuple[str, int]:
-        assert self.connection is not None
-        channel = await self.connection.channel()
+        channels = await self._channels()
         try:
-            parked = await self.find(channel, message_id)
+            parked = await self.find(channels, message_id)
             record = parked.record
             body = event if event is not None else record["event"]
             if not isinstance(body, dict):
@@ -118,9 +145,8 @@ class DashboardAdmin:
             attempts = record["attempts"] if isinstance(record["attempts"], int) else 1
             headers = {k: v for k, v in (parked.message.headers or {}).items() if k not in _NOT_CARRIED}
             headers[ATTEMPT] = attempts + 1
-            broker = connect_url(self.url, queue_types=queue_types(self.loaded))
+            broker = await connect(self.loaded, self.override, self.timeout)
             try:
-                await broker.connect(self.timeout)
                 publisher = Publisher(
                     broker, Tracing(), service="edarun-dashboard", lanes=lane_rules(self.loaded.model)
                 )
@@ -132,19 +158,16 @@ class DashboardAdmin:
             await parked.message.ack()  # only once the broker has the resubmitted event
             return queue, attempts + 1
         finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await self._close(channels)
 
     async def drop(self, message_id: str) -> dict[str, Any]:
-        assert self.connection is not None
-        channel = await self.connection.channel()
+        channels = await self._channels()
         try:
-            parked = await self.find(channel, message_id)
+            parked = await self.find(channels, message_id)
             await parked.message.ack()
             return parked.record
         finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await self._close(channels)
 
 
 def _text_headers(headers: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..brokers import Broker
+from ..brokers import Broker, Depth
 from ..config.loader import LoadedPipeline
 from ..patterns.flow import monitor_name
 from ..patterns.watch import config_queue
@@ -87,7 +87,7 @@ class Child:
 
 class Supervisor:
     def __init__(self, loaded: LoadedPipeline, options: RunOptions) -> None:
-        # The same checks as a single-process run: unsupported policies, unknown --only names.
+        # The same checks as a single-process run: unknown --only names.
         self.plan = Runner(loaded, options)
         self.loaded = loaded
         self.options = options
@@ -279,8 +279,7 @@ class Supervisor:
         outcome = "failed"
         started = False
         try:
-            url = self.options.broker or self.loaded.model.broker
-            broker = await self.plan._connect(url)
+            broker = await self.plan._connect()
             for queue in queues_of(self.loaded):
                 await broker.declare(queue)
             for name in self.loaded.model.consumers:
@@ -322,9 +321,8 @@ class Supervisor:
             return EXIT_INTERRUPTED
         return EXIT_FAILURE if outcome == "failed" else EXIT_OK
 
-    async def _sample(self, broker: Broker) -> dict[str, int]:
-        # Ready messages only: what the services hold unacknowledged they report themselves.
-        return {q: d.ready for q, d in (await sample_depths(broker, self.loaded, self.stats)).items()}
+    async def _sample(self, broker: Broker) -> dict[str, Depth]:
+        return await sample_depths(broker, self.loaded, self.stats)
 
     async def _watch(self, broker: Broker) -> str:
         consumed = consumed_queues(self.loaded, self.plan.consumer_names, self.plan.workflow_names)
@@ -351,7 +349,7 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_requested.wait(), _POLL)
 
-    def _quiet(self, depths: dict[str, int], consumed: set[str]) -> bool:
+    def _quiet(self, depths: dict[str, Depth], consumed: set[str]) -> bool:
         for child in self.children:
             if child.kind in ("monitor", "config"):
                 continue  # it watches or answers; it has no work of its own to finish
@@ -364,7 +362,9 @@ class Supervisor:
             counters = child.counters()
             if counters.get("in_flight") or counters.get("held") or counters.get("pending_retries"):
                 return False
-        return not any(depths.get(q, 0) for q in consumed)
+        # Ready messages only: what the services hold unacknowledged they report themselves. A
+        # broker that is down may hold events of a queue (pattern 9): not empty until it answers.
+        return not any(d.ready or not d.complete for q, d in depths.items() if q in consumed)
 
     async def _stop_children(self) -> None:
         """SIGTERM every service, let it drain, SIGKILL what is still there after the grace time."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from ..brokers import Broker, Message
+from ..brokers import Broker, Message, spread_key
 from ..patterns.priority import PRIORITY, STANDARD, LaneRule, Sequencer
 from ..telemetry import Tracing
 from ..types import lookup
@@ -44,6 +44,10 @@ class Publisher:
         self._ids = count(1)
         self._sequencers: dict[str, Sequencer] = {}
         self._unlaned: set[str] = set()
+        # Pattern 9: the field a multi-broker spreads by, read here from the event rather than
+        # decoded again from the body; with several brokers, the span says which one took it.
+        self._spread_by = broker.spread_by
+        self._several = len(broker.urls) > 1
 
     def new_id(self) -> str:
         return self._prefix + str(next(self._ids))
@@ -85,14 +89,16 @@ class Publisher:
                 "%s: events marked priority for %r go to its standard queue: it has no priority lane "
                 "(set priority_lane on its consumer)", self.service, queue,
             )  # fmt: skip
+        key = spread_key(event, self._spread_by) if self._spread_by is not None else None
         if self.tracing.enabled:
             if extra:
                 attributes = {**(attributes or {}), **extra}
             await self.send(
-                queue, body, message_id, headers, root=root, persistent=persistent, attributes=attributes
-            )
+                queue, body, message_id, headers, root=root, persistent=persistent, attributes=attributes,
+                key=key,
+            )  # fmt: skip
         else:  # the hot path without tracing: one call less per event
-            await self.broker.publish(queue, Message(body, message_id, headers, persistent))
+            await self.broker.publish(queue, Message(body, message_id, headers, persistent, key))
         return message_id
 
     def _lane(
@@ -121,9 +127,11 @@ class Publisher:
         root: bool = False,
         persistent: bool = True,
         attributes: dict[str, object] | None = None,
+        key: bytes | None = None,
     ) -> None:
-        """Publish an encoded body in a PRODUCER span; returns once the broker confirmed it."""
-        message = Message(body=body, message_id=message_id, headers=headers, persistent=persistent)
+        """Publish an encoded body in a PRODUCER span; returns once the broker confirmed it. `key`
+        is the event's spread key, when the broker asks for one (without it, it reads the body)."""
+        message = Message(body, message_id, headers, persistent, key)
         tracing = self.tracing
         if not tracing.enabled:
             await self.broker.publish(queue, message)
@@ -135,5 +143,7 @@ class Publisher:
             system=self.broker.system,
             root=root,
             attributes=attributes,
-        ):
-            await self.broker.publish(queue, message)
+        ) as span:
+            taken_by = await self.broker.publish(queue, message)
+            if self._several and span is not None:
+                span.set_attribute("edarun.broker", taken_by)

@@ -1,17 +1,16 @@
-"""`edarun send`: one event into a queue of a pipeline's broker, as a new trace."""
+"""`edarun send`: one event into a queue of a pipeline's broker, as a new trace (with several
+brokers, on the one a producer's publish of it would choose)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from ..brokers import BrokerError, connect_url
 from ..config.loader import LoadedPipeline
+from ..config.models import is_memory
 from ..patterns.priority import lane_rules
-from ..redact import redact_text, redact_url
 from ..telemetry import Tracing
 from . import loop as event_loop
-from .app import EXIT_FAILURE, EXIT_INVALID, RunError, queue_types, queues_of
+from .app import EXIT_INVALID, RunError, broker_urls, connect, queues_of
 from .publisher import Publisher
 
 
@@ -24,8 +23,7 @@ async def send(
     *,
     priority: bool = False,
 ) -> tuple[str, str]:
-    url = broker_url or loaded.model.broker
-    if url == "memory":
+    if any(is_memory(url) for url in broker_urls(loaded, broker_url)):
         raise RunError(
             "the memory broker lives inside one `edarun up` process; `send` needs a broker it can "
             "reach (--broker amqp://… or broker: in the pipeline)",
@@ -37,14 +35,7 @@ async def send(
     rule = lanes.get(queue)
     if priority and rule is None:
         raise RunError(f"queue {queue!r} has no priority lane: no consumer of it sets one", EXIT_INVALID)
-    broker = connect_url(url, queue_types=queue_types(loaded))
-    try:
-        await asyncio.wait_for(broker.connect(timeout), timeout)
-    except (TimeoutError, BrokerError, OSError) as exc:
-        raise RunError(
-            f"cannot reach broker {redact_url(url)}: {redact_text(str(exc)) or 'timed out'}",
-            EXIT_FAILURE,
-        ) from None
+    broker = await connect(loaded, broker_url, timeout)
     tracing = Tracing()
     lanes = lane_rules(loaded.model)
     rule = lanes.get(queue)

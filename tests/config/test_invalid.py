@@ -276,6 +276,37 @@ CASES = [
         ("brokers[1]", "expected 'amqp://…'"),
         cli=False,
     ),
+    Case(
+        "memory-broker-without-a-name-in-brokers",
+        replace("name: shop\n", "name: shop\nbrokers: [memory://a, memory]\n"),
+        3,
+        23,
+        ("brokers[1]", "expected 'amqp://…' or 'memory://name'"),
+        cli=False,
+    ),
+    Case(
+        "memory-and-amqp-brokers-mixed",
+        replace("name: shop\n", "name: shop\nbrokers: [memory://a, 'amqp://u:hunter2@b']\n"),
+        3,
+        10,
+        ("brokers", "expected all amqp:// or all memory://name, not a mix"),
+    ),
+    Case(
+        "a-broker-listed-twice",
+        replace("name: shop\n", "name: shop\nbrokers:\n  - memory://a\n  - memory://a\n"),
+        4,
+        3,
+        ("brokers", "a broker is listed twice"),
+        cli=False,
+    ),
+    Case(
+        "ordering-over-brokers-spread-round-robin",
+        replace("name: shop\n", "name: shop\nbrokers: [memory://a, memory://b]\nspread: round_robin\n")
+        + "    ordering: by_context(account)\n",
+        14,
+        15,
+        ("consumers.worker.ordering", "needs 'spread: by_context(account)'"),
+    ),
     Case("version-2", replace("version: 1", "version: 2"), 1, 10, ("version",)),
     Case(
         "missing-name",
@@ -778,6 +809,23 @@ def test_same_module_name_in_two_pipelines_resolves_each_its_own(
         assert handler({}, None) == {"by": marker}
         assert handler.__module__ == "handlers"
         assert Path(sys.modules["handlers"].__file__).parent == loaded.plugin_dirs[0]
+
+
+def test_brokers_may_be_named_memory_brokers(tmp_path: Path) -> None:
+    """Pattern 9 on the embedded broker: `memory://name` brokers live side by side in one process."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "mbok.py").write_text("def handle(event, ctx):\n    return None\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nname: m\nbrokers: [memory://a, memory://b]\nspread: by_context(account)\n"
+        "plugins: [plugins]\nconsumers:\n  c:\n    from: q\n    handler: mbok:handle\n"
+        "    ordering: by_context(account)\n"
+    )
+    model = load_pipeline(path).model
+    assert model.broker_urls == ["memory://a", "memory://b"]
+    assert model.spread is not None and model.spread.by == "account"
+    path.write_text("version: 1\nname: m\nbroker: memory://solo\n")
+    assert load_pipeline(path).model.broker_urls == ["memory://solo"]
 
 
 def test_ordering_with_several_instances_is_refused(tmp_path: Path) -> None:

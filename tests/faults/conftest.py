@@ -144,10 +144,14 @@ class Scenario:
 
     # -- processes -----------------------------------------------------------------------------
 
-    def up(self, report: Path, *extra: str, until_idle: bool = True) -> subprocess.Popen[bytes]:
-        """Start `edarun up` on RabbitMQ as a user would; its output goes to files beside the report."""
+    def up(
+        self, report: Path, *extra: str, until_idle: bool = True, broker: str | None = AMQP_URL
+    ) -> subprocess.Popen[bytes]:
+        """Start `edarun up` on RabbitMQ as a user would; its output goes to files beside the report.
+        `broker=None`: on the brokers the pipeline file names."""
         assert self.path is not None, "write() the pipeline first"
-        command = [sys.executable, "-m", "runner", "up", str(self.path), "--broker", AMQP_URL]
+        command = [sys.executable, "-m", "runner", "up", str(self.path)]
+        command += ["--broker", broker] if broker is not None else []
         command += [*(["--until-idle"] if until_idle else []), "--report", str(report), *extra]
         with (
             report.with_suffix(".out").open("wb") as out,

@@ -332,9 +332,10 @@ async def test_spans_say_the_lane(factory: Any, run_pipeline: Any, tmp_path: Pat
 
 
 class FakeDelivery:
-    def __init__(self, queue: str, headers: dict[str, Any]) -> None:
+    def __init__(self, queue: str, headers: dict[str, Any], broker: str = "memory") -> None:
         self.queue = queue
         self.headers = headers
+        self.broker = broker
 
 
 def stamped(sequencer: Sequencer, context: str, lane: str) -> FakeDelivery:
@@ -413,6 +414,22 @@ def test_guard_releases_when_the_predecessor_was_processed_before_it_started() -
     assert guard.drained("q", before=2.0) == ["cancel A"]  # the standard queue had nothing left
 
 
+def test_guard_follows_each_broker_of_a_multi_broker_apart() -> None:
+    """Pattern 9: a publisher's standard events are in order per broker only; with `spread:
+    by_context`, a cancel and its place share a broker, and a later event of the same publisher
+    on the other broker says nothing about the place."""
+    seq = Sequencer("p1")
+    place = stamped(seq, "A", "standard")
+    place.broker = "amqp://b"
+    other = stamped(seq, "B", "standard")  # on the other broker, published after the place
+    cancel = stamped(seq, "A", "priority")
+    cancel.broker = "amqp://b"
+    guard = OrderGuard("q", "q.priority")
+    assert guard.admit(other, "B", 0.0) == ["B"]
+    assert guard.admit(cancel, "cancel A", 0.0) == []  # one broker ahead of the other: still waits
+    assert guard.admit(place, "A", 0.0) == ["A", "cancel A"]
+
+
 def test_guard_forgets_what_a_dead_channel_told_it() -> None:
     seq = Sequencer("p1")
     place = stamped(seq, "A", "standard")
@@ -424,9 +441,9 @@ def test_guard_forgets_what_a_dead_channel_told_it() -> None:
     guard.reconnected()
     assert guard.admit(cancel_1, "cancel 1", 0.0) == []  # no longer taken as arrived
     cancel_2.stale = True  # type: ignore[attr-defined]
-    guard.waiting.setdefault("p1", []).append((1, "cancel 2", cancel_2, 0.0))  # held on the old channel
+    guard.waiting.setdefault("p1@memory", []).append((1, "cancel 2", cancel_2, 0.0))  # on the old channel
     guard.reconnected()
-    assert [entry[1] for entry in guard.waiting["p1"]] == ["cancel 1"]  # the stale one comes again
+    assert [entry[1] for entry in guard.waiting["p1@memory"]] == ["cancel 1"]  # the stale one comes again
     assert guard.admit(place, "place", 0.0) == ["place", "cancel 1"]
 
 

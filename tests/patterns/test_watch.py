@@ -4,6 +4,7 @@ no connection to the config service between changes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -257,3 +258,48 @@ async def test_several_values_change_as_one(bus: Broker, broker_url: str) -> Non
         await watcher.close()
         await config.stop()
         await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("w")])
+
+
+async def test_every_change_in_order_over_several_brokers(
+    factory: Any, multi_urls: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pattern 4 on pattern 9: the config traffic stays on one broker, so no change overtakes another
+    on its way to a watch queue, whichever broker each event of the pipeline takes."""
+    from runner.config.loader import load_pipeline
+    from runner.runtime.app import Runner, RunOptions
+
+    name = unique("watch-multi")
+    mod = factory.module("watch_multi", HANDLERS.replace("CONFIG_QUEUE", repr(config_queue(name))))
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: {name}
+        brokers: {json.dumps(multi_urls)}
+        plugins: [plugins]
+        config:
+          limit: 1
+        producers:
+          ticks-a: {{source: "{mod}:ticks", rate: 40/s, to: {name}-a}}
+          admin: {{source: "{mod}:changes", rate: 4/s, to: {name}-admin}}
+        consumers:
+          relay: {{from: {name}-admin, handler: "{mod}:relay"}}
+          a: {{from: {name}-a, handler: "{mod}:look", watch: [limit]}}
+        """
+    )
+    caplog.set_level(logging.INFO, logger="edarun.config")
+    queues = [config_queue(name), state_queue(name), watch_queue("a"), f"{name}-a", f"{name}-admin"]
+    try:
+        runner = Runner(load_pipeline(path), RunOptions(until_idle=True))
+        assert await asyncio.wait_for(runner.run(), 90) == 0
+    finally:
+        if multi_urls[0] != "memory://a":
+            from conftest import delete_queues
+
+            for url in multi_urls:
+                await delete_queues([*queues, "a.dashboard", "relay.dashboard"], url)
+    versions = [
+        int(m.group(1))
+        for record in caplog.records
+        if (m := re.match(r"a: config limit = \d+ \(version (\d+)\)", record.getMessage()))
+    ]
+    assert versions == [0, 1, 2, 3, 4, 5], versions

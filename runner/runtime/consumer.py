@@ -15,6 +15,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -179,13 +180,17 @@ class ConsumerService:
         )
         event = envelope.event
         assert event is not None  # the decode layer ran
-        if self.is_async:
-            result = await self.handler(event, ctx)  # type: ignore[misc]
-        else:
-            loop = asyncio.get_running_loop()
-            call = functools.partial(self.handler, event, ctx)
-            # copy_context: the consumer span stays current inside the worker thread.
-            result = await loop.run_in_executor(self.executor, contextvars.copy_context().run, call)
+        started = time.perf_counter()
+        try:
+            if self.is_async:
+                result = await self.handler(event, ctx)  # type: ignore[misc]
+            else:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(self.handler, event, ctx)
+                # copy_context: the consumer span stays current inside the worker thread.
+                result = await loop.run_in_executor(self.executor, contextvars.copy_context().run, call)
+        finally:
+            self.stats.timed(time.perf_counter() - started)
         self.stats.processed += 1
         if envelope.lane == PRIORITY:
             self.stats.priority += 1

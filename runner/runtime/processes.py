@@ -50,7 +50,16 @@ _POLL = 0.25
 _RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 _HEALTHY_AFTER = 30.0
 _DRAIN_GRACE = 60.0
-_SUMMED = ("processed", "priority", "failed", "retried", "repaired", "parked", "restarts", "received")
+_SUMMED = (
+    "processed", "priority", "failed", "retried", "repaired", "parked", "restarts", "received",
+    "handler_calls",
+)  # fmt: skip
+
+
+def _add_buckets(into: list[int], counts: Any) -> None:
+    for index, count in enumerate(counts):
+        if index < len(into):
+            into[index] += int(count)
 
 
 @dataclass
@@ -64,6 +73,8 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     last: dict[str, Any] = field(default_factory=dict)  # the latest counters of this incarnation
     base: dict[str, int] = field(default_factory=dict)  # counters of earlier incarnations
+    base_seconds: float = 0.0  # and their handler durations
+    base_buckets: list[int] = field(default_factory=list)
     seq: int = 0
     restarts: int = 0
     failures: int = 0
@@ -231,6 +242,10 @@ class Supervisor:
         for key in ("published", "rejected", "delayed", *_SUMMED):
             if key in counters:
                 child.base[key] = child.base.get(key, 0) + int(counters[key])
+        child.base_seconds += float(counters.get("handler_seconds", 0.0))
+        if len(child.base_buckets) < len(counters.get("handler_buckets", ())):
+            child.base_buckets += [0] * (len(counters["handler_buckets"]) - len(child.base_buckets))
+        _add_buckets(child.base_buckets, counters.get("handler_buckets", ()))
         if child.kind == "producer":
             # Where the next incarnation resumes: every source event before it was settled.
             confirmed = max(child.base.get("confirmed", 0), int(counters.get("confirmed", 0)))
@@ -263,6 +278,10 @@ class Supervisor:
             for key in _SUMMED:
                 value = child.base.get(key, 0) + int(counters.get(key, 0))
                 setattr(total, key, getattr(total, key) + value)
+            # Handler durations: earlier incarnations' and this one's, bucket by bucket.
+            total.handler_seconds += child.base_seconds + float(counters.get("handler_seconds", 0.0))
+            _add_buckets(total.handler_buckets, child.base_buckets)
+            _add_buckets(total.handler_buckets, counters.get("handler_buckets", ()))
             total.restarts += child.restarts
             if child.process is not None:
                 for key in ("consumers", "in_flight", "held", "pending_retries"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,11 @@ class ProducerStats:
     delayed: int = 0  # events held back by flow control (pattern 8)
     flow_controlled: bool = False  # it publishes to a queue with flow_control: `delayed` is reported
     done: bool = False
+
+
+# Upper bounds (seconds) of the handler-duration buckets; one more bucket holds what is slower. The
+# same in every process, so a supervisor adds its services' counts bucket by bucket.
+HANDLER_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -33,7 +39,37 @@ class ConsumerStats:
     held: int = 0  # deliveries received and not yet settled (the broker counts them unacked)
     pending_retries: int = 0
     duplicates: int = 0  # deliveries skipped by dedupe
-    handler_seconds: float = 0.0
+    handler_seconds: float = 0.0  # the handler calls' time, summed (failed calls included)
+    handler_calls: int = 0
+    handler_buckets: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS_S) + 1))
+
+    def timed(self, seconds: float) -> None:
+        """One handler call took `seconds` (for the latency of the live view, status and metrics)."""
+        self.handler_seconds += seconds
+        self.handler_calls += 1
+        self.handler_buckets[bisect.bisect_left(HANDLER_BUCKETS_S, seconds)] += 1
+
+    def handler_ms(self) -> dict[str, float | None]:
+        """Mean, median and 99th percentile of the handler calls, in milliseconds (the percentiles
+        are bucket bounds: "at most")."""
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None or seconds == float("inf") else round(seconds * 1000, 3)
+
+        mean = self.handler_seconds / self.handler_calls if self.handler_calls else None
+        return {"mean": ms(mean), "p50": ms(self.latency(0.5)), "p99": ms(self.latency(0.99))}
+
+    def latency(self, quantile: float) -> float | None:
+        """The handler duration below which `quantile` of the calls fell (a bucket's upper bound)."""
+        total = sum(self.handler_buckets)
+        if not total:
+            return None
+        seen = 0
+        for index, count in enumerate(self.handler_buckets):
+            seen += count
+            if seen >= quantile * total:
+                return HANDLER_BUCKETS_S[index] if index < len(HANDLER_BUCKETS_S) else float("inf")
+        return float("inf")
 
 
 @dataclass
@@ -96,6 +132,7 @@ class RunStats:
                     "restarts": s.restarts,
                     "duplicates": s.duplicates,
                     "lanes": {"standard": s.processed - s.priority, "priority": s.priority},
+                    **({"handler_ms": s.handler_ms()} if s.handler_calls else {}),
                 }
                 for name, s in self.consumers.items()
             },

@@ -197,19 +197,40 @@ def schema() -> None:
 class GraphFormat(StrEnum):
     mermaid = "mermaid"
     dot = "dot"
+    svg = "svg"
+    png = "png"
 
 
 @app.command()
 def graph(
     pipeline: PipelineArg,
-    format: Annotated[GraphFormat, typer.Option("--format", help="mermaid or dot")] = GraphFormat.mermaid,
+    format: Annotated[
+        GraphFormat, typer.Option("--format", help="mermaid | dot | svg | png (svg and png need Graphviz)")
+    ] = GraphFormat.mermaid,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here, not to stdout")] = None,
 ) -> None:
-    """Print the topology: producers, queues, consumers, emit edges, dashboard queues."""
+    """Print the topology: producers, queues and lanes, consumers, workflow, dashboard, control and
+    watch queues, brokers."""
     from . import graph as topology
 
     loaded = _load(pipeline)
-    render = topology.mermaid if format is GraphFormat.mermaid else topology.dot
-    out.print(redact_text(render(loaded.model)), markup=False, end="")
+    if format in (GraphFormat.mermaid, GraphFormat.dot):
+        render = topology.mermaid if format is GraphFormat.mermaid else topology.dot
+        text = redact_text(render(loaded.model))
+        if output is None:
+            out.print(text, markup=False, end="")
+        else:
+            output.write_text(text, encoding="utf-8")
+        return
+    try:
+        image = topology.draw(redact_text(topology.dot(loaded.model)), format.value)
+    except topology.GraphvizError as exc:
+        _fail(str(exc), 1)
+    if output is None:
+        sys.stdout.buffer.write(image)
+        sys.stdout.buffer.flush()
+    else:
+        output.write_bytes(image)
 
 
 class ConfigAction(StrEnum):

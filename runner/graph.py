@@ -6,6 +6,8 @@ with several brokers (pattern 9), the brokers every queue exists on and the spre
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 from .config.models import Pipeline
 from .patterns.priority import lane_queue, lane_rules
@@ -180,3 +182,26 @@ def dot(model: Pipeline) -> str:
         lines.append(f"  {_id(src)} -> {_id(dst)}" + (f' [label="{text}"];' if label else ";"))
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+class GraphvizError(RuntimeError):
+    """Graphviz is missing or could not draw the graph."""
+
+
+def draw(dot_text: str, image_format: str) -> bytes:
+    """The dot graph drawn by Graphviz's `dot` as svg or png."""
+    program = shutil.which("dot")
+    if program is None:
+        raise GraphvizError(
+            f"--format {image_format} needs Graphviz's `dot` on the PATH (e.g. apt install graphviz); "
+            "--format mermaid and dot need nothing"
+        )
+    try:
+        result = subprocess.run(
+            [program, f"-T{image_format}"], input=dot_text.encode(), capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GraphvizError(f"Graphviz failed: {exc}") from None
+    if result.returncode != 0:
+        raise GraphvizError(f"Graphviz failed: {result.stderr.decode(errors='replace').strip()}")
+    return result.stdout

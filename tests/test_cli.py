@@ -428,3 +428,55 @@ def test_config_on_the_memory_broker_says_where_to_go(factory, jsonl) -> None:  
     assert "memory broker" in result.stderr and "cfgmem.config" in result.stderr
     assert "Traceback" not in result.stderr
     assert edarun("config", str(path), "set", "limit").returncode == 2  # no VALUE
+
+
+def test_graph_draws_svg_and_png_with_graphviz(factory, jsonl, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    jsonl("events.jsonl", [{"n": 1}])
+    mod = factory.module("drawn_svg", "def handle(event, ctx):\n    return None\n")
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: drawn-svg
+        plugins: [plugins]
+        producers:
+          feed: {{source: file(events.jsonl), to: orders}}
+        consumers:
+          worker: {{from: orders, handler: "{mod}:handle"}}
+        """
+    )
+    svg = tmp_path / "graph.svg"
+    result = edarun("graph", str(path), "--format", "svg", "--output", str(svg))
+    if shutil.which("dot") is None:
+        # Without Graphviz: one line that says what to install, and mermaid still works.
+        assert result.returncode == 1 and "Graphviz" in result.stderr and "Traceback" not in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg")) and "orders" in svg.read_text()
+    png = tmp_path / "graph.png"
+    assert edarun("graph", str(path), "--format", "png", "-o", str(png)).returncode == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_graph_without_graphviz_says_so(factory, jsonl, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    jsonl("events.jsonl", [{"n": 1}])
+    mod = factory.module("drawn_nodot", "def handle(event, ctx):\n    return None\n")
+    path = factory.pipeline(
+        f"""
+        version: 1
+        name: drawn-nodot
+        plugins: [plugins]
+        producers:
+          feed: {{source: file(events.jsonl), to: orders}}
+        consumers:
+          worker: {{from: orders, handler: "{mod}:handle"}}
+        """
+    )
+    env = {**os.environ, "PATH": str(tmp_path)}  # no `dot` here
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "graph", str(path), "--format", "svg"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "needs Graphviz" in result.stderr and "Traceback" not in result.stderr

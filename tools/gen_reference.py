@@ -199,7 +199,7 @@ def _default(key: str, prop: dict[str, Any], required: set[str], info: FieldInfo
 def _walk(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
     """(title, model schema, where it is used) for each model, the top level first, then in the
     order the file mentions them."""
-    defs = schema.get("$defs", {})
+    defs = schema.get("definitions", {})
     order: list[str] = [ROOT_TITLE]
     where: dict[str, list[str]] = {ROOT_TITLE: ["(top level)"]}
     bodies = {ROOT_TITLE: schema, **{name: _long_form(body) for name, body in defs.items()}}
@@ -238,7 +238,7 @@ def _targets(prop: dict[str, Any]) -> Iterator[tuple[str, str]]:
 def reference(schema: dict[str, Any]) -> str:
     classes = _model_classes()
     parts = [INTRO]
-    defs = schema.get("$defs", {})
+    defs = schema.get("definitions", {})
     for title, body, where in _walk(schema):
         model = classes.get(title)
         fields = model.model_fields if model is not None else {}

@@ -81,7 +81,10 @@ async def measure(url: str, watchers: int, changes: int) -> dict[str, float]:
             await view.close()
         await service.stop()
         if url != "memory":
-            await _delete(url, [config_queue(pipeline), state_queue(pipeline), *map(watch_queue, names)])
+            await _delete(
+                url,
+                [config_queue(pipeline), state_queue(pipeline), *(watch_queue(pipeline, n) for n in names)],
+            )
         await broker.close()
     ordered = sorted(latencies)
     return {

@@ -90,7 +90,7 @@ def _edges(model: Pipeline) -> tuple[dict[str, tuple[str, str]], list[tuple[str,
         nodes[service] = (f"{config_queue(model.name)} service", "consumer")
         edges.append((queue(config_queue(model.name), "watch"), service, "set / register"))
         for name, keys in watching.items():
-            inbox = queue(watch_queue(name), "watch")
+            inbox = queue(watch_queue(model.name, name), "watch")
             edges += [(service, inbox, ", ".join(keys) + " (versioned)"), (inbox, f"c_{name}", "ctx.config")]
     return nodes, edges
 

@@ -400,12 +400,12 @@ def test_graph_draws_the_config_service_and_watch_queues(factory, jsonl) -> None
     assert mermaid.returncode == 0, mermaid.stderr
     for line in (
         'q_watched_config -- "set / register" --> s_config',
-        's_config -- "max_order, mode (versioned)" --> q_limit_watch',
-        'q_limit_watch -- "ctx.config" --> c_limit',
+        's_config -- "max_order, mode (versioned)" --> q_watched_limit_watch',
+        'q_watched_limit_watch -- "ctx.config" --> c_limit',
     ):
         assert line in mermaid.stdout, line
     dot = edarun("graph", str(path), "--format", "dot")
-    assert 'q_limit_watch [label="limit.watch", shape=cylinder];' in dot.stdout
+    assert 'q_watched_limit_watch [label="watched.limit.watch", shape=cylinder];' in dot.stdout
 
 
 def test_config_on_the_memory_broker_says_where_to_go(factory, jsonl) -> None:  # type: ignore[no-untyped-def]

@@ -187,7 +187,7 @@ class WatchPath:
     def queues(self) -> list[str]:
         """Every queue this run declares on the broker."""
         return [config_queue(self.pipeline), state_queue(self.pipeline),
-                *(watch_queue(s + self.suffix) for s in SERVICES)]  # fmt: skip
+                *(watch_queue(self.pipeline, s + self.suffix) for s in SERVICES)]  # fmt: skip
 
     async def start_server(self) -> str:
         self.server = ConfigService(self.pipeline, {KEY: INITIAL}, broker=self.broker, tracing=self.tracing)
@@ -234,7 +234,7 @@ class WatchPath:
     async def settle(self) -> str:
         """Wait until the config service (when up) and every running watcher have taken all there is;
         then say what waits on the broker for those that are down."""
-        busy = [watch_queue(s + self.suffix) for s in self.watchers]
+        busy = [watch_queue(self.pipeline, s + self.suffix) for s in self.watchers]
         if self.server is not None:
             busy.append(config_queue(self.pipeline))
         async with asyncio.timeout(SETTLE_S):
@@ -246,7 +246,7 @@ class WatchPath:
             waiting += [f"{queued} queued on {config_queue(self.pipeline)}"] if queued else []
         for service in SERVICES:
             if service in self.known and service not in self.watchers:
-                queue = watch_queue(service + self.suffix)
+                queue = watch_queue(self.pipeline, service + self.suffix)
                 count = (await self.broker.depth(queue)).ready
                 waiting += [f"{count} waiting in {queue}"] if count else []
         ignored = self.ignored + sum(w.ignored for w in self.watchers.values())

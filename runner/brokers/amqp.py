@@ -42,6 +42,8 @@ _PUBLISH_GIVE_UP_S = 120.0
 _RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach a broker that went away
 _STOP = object()
 _ACK_DELAY = 0.005  # seconds an acknowledgement may wait to share a frame with later ones
+_CANCEL_WAIT_S = 2.0  # a consumer's cancel or a channel's close, at most, when the broker is gone
+_FAILOVER_CONFIRM_S = 10.0  # a multi-broker's member that does not confirm within this is left
 
 
 class AmqpDelivery:
@@ -252,8 +254,10 @@ class AmqpSubscription:
             return
         self._cancelled = True
         if self._amqp_queue is not None and self._consumer_tag is not None:
+            # The robust queue forgets the consumer before its RPC, so a cancel cut short (the
+            # connection is down and the RPC would wait for it) still keeps it from coming back.
             with contextlib.suppress(*_RETRYABLE):
-                await self._amqp_queue.cancel(self._consumer_tag)
+                await asyncio.wait_for(self._amqp_queue.cancel(self._consumer_tag), _CANCEL_WAIT_S)
         # Prefetched but not handed out: not started, so not ours to finish. They stay unacked and
         # go back to the queue when the channel closes, instead of delaying the stop by a window.
         self._inbox.clear()
@@ -266,7 +270,8 @@ class AmqpSubscription:
             await asyncio.gather(*self._acks_in_flight, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*_RETRYABLE):
-                await self._channel.close()  # what it still held goes back to the queue
+                # What it still held goes back to the queue (with the connection, if it is gone).
+                await asyncio.wait_for(self._channel.close(), _CANCEL_WAIT_S)
         self.broker.subscriptions.discard(self)
 
 
@@ -400,7 +405,13 @@ class AmqpBroker:
                 if resending:
                     await self._turn(ticket)
                 try:
-                    await channel.default_exchange.publish(outgoing, routing_key=queue, mandatory=True)
+                    sent = channel.default_exchange.publish(outgoing, routing_key=queue, mandatory=True)
+                    if self.failover:
+                        # A partitioned broker answers nothing until a heartbeat declares it dead:
+                        # its contexts go to another broker instead of waiting for that.
+                        await asyncio.wait_for(sent, _FAILOVER_CONFIRM_S)
+                    else:
+                        await sent
                     return self.url
                 except aio_pika.exceptions.PublishError:
                     raise BrokerError(f"queue {queue!r} does not exist (unroutable message)") from None
@@ -510,5 +521,5 @@ class AmqpBroker:
                 await sub.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), _CANCEL_WAIT_S)
         self._connection = None

@@ -69,6 +69,9 @@ class MultiBroker:
         self._joining: dict[Member, asyncio.Task[None]] = {}
         self._changed = asyncio.Event()  # set, and replaced, when a broker goes down or comes back
         self._salts = [member.url.encode() for member in self.members]
+        # Queues whose every message stays on one broker, whoever publishes it (a pipeline's config
+        # commands: a handler's `set` must not overtake an earlier one).
+        self.pinned: set[str] = set()
         self._rankings: dict[bytes, tuple[int, ...]] = {}
         self._closed = False
 
@@ -159,11 +162,13 @@ class MultiBroker:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def _choose(self, message: Message, tried: set[Member] | None = None) -> Member | None:
+    def _choose(self, queue: str, message: Message, tried: set[Member] | None = None) -> Member | None:
         ready = self.ready if not tried else [m for m in self.ready if m not in tried]
         if not ready:
             return None
         key = message.pin
+        if key is None and queue in self.pinned:
+            key = queue.encode()
         if key is None and self.spread_by is not None:
             key = message.key
             if key is None:
@@ -191,7 +196,7 @@ class MultiBroker:
         return ranking
 
     async def publish(self, queue: str, message: Message) -> str:
-        member = self._choose(message)
+        member = self._choose(queue, message)
         if member is not None:
             try:
                 return await member.publish(queue, message)
@@ -204,7 +209,7 @@ class MultiBroker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + GIVE_UP_S
         while True:
-            member = self._choose(message, tried)
+            member = self._choose(queue, message, tried)
             if member is None:
                 if loop.time() > deadline:
                     raise BrokerError(f"no broker of {self.url} took a message for {queue!r} in time")
@@ -250,7 +255,12 @@ class MultiBroker:
         self._live[merged] = opener
         for member in list(self.ready):
             if not await self._attach(merged, member, opener):
-                self._leave(member)  # its join opens this one's child too
+                if member.available:
+                    # Slow, not down: it keeps its publishes (a context does not move for a slow
+                    # consume); the child is opened again shortly, by a catch-up.
+                    self._join_later(member, pause=True)
+                else:
+                    self._leave(member)  # its join opens this one's child too
         return merged
 
     def _ended(self, merged: MergedSubscription) -> None:

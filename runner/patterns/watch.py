@@ -12,7 +12,8 @@ Everything travels as messages; no service keeps a connection to another:
 - A change gets the next version number and is published to every watch queue registered for its
   key, one change after the other. A service that is down finds the changes in its queue when it is
   back. A watch queue that no longer exists is unregistered (the talk's "Service not found").
-- A watching service (`ConfigWatcher`) has a durable watch queue of its own, `<service>.watch`. On
+- A watching service (`ConfigWatcher`) has a durable watch queue of its own,
+  `<pipeline>.<service>.watch`. On
   start it registers (a message) and waits for the current values before it consumes anything; then
   it applies each change whose version is newer than the one it has, so a duplicate or a late copy
   changes nothing. Re-registering (every start does) brings the current values again.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -65,9 +67,12 @@ def replies_exchange(pipeline: str) -> str:
     return config_queue(pipeline) + REPLIES_SUFFIX
 
 
-def watch_queue(service: str, instance: int = 1) -> str:
-    """A service's own watch queue; each instance of a consumer has one (each must hear every change)."""
-    return f"{service}.watch" if instance == 1 else f"{service}.watch.{instance}"
+def watch_queue(pipeline: str, service: str, instance: int = 1) -> str:
+    """A service's own watch queue; each instance of a consumer has one (each must hear every
+    change). The pipeline is in the name: two pipelines on one broker may have a service of the
+    same name, and each must hear only its own changes."""
+    name = f"{pipeline}.{service}.watch"
+    return name if instance == 1 else f"{name}.{instance}"
 
 
 def _message(payload: dict[str, Any], pipeline: str) -> Message:
@@ -154,7 +159,7 @@ class ConfigService:
         self.tracing = tracing
         self.state = ConfigState()
         self._held: Delivery | None = None  # the snapshot this service stands on
-        self._held_saved = -1
+        self._last_saved: str | None = None  # the message id of the snapshot it wrote last
         self._snapshots: Subscription | None = None
         self._commands: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,7 +177,14 @@ class ConfigService:
         """Take the latest snapshot the queue has (several after a crash mid-change), merge in the
         file's values for keys it does not know, and stand on it."""
         queue = state_queue(self.pipeline)
-        ready = (await self.broker.depth(queue)).ready
+        depth = await self.broker.depth(queue)
+        while not depth.complete:
+            # A broker that may hold the latest snapshot does not answer (pattern 9): starting from
+            # what the others have would roll the values back, or begin them again.
+            log.warning("%s: waiting for every broker to read the stored config state", self.name)
+            await asyncio.sleep(1.0)
+            depth = await self.broker.depth(queue)
+        ready = depth.ready
         self._snapshots = sub = await self.broker.consume(queue, prefetch=ready + 16)
         found: list[tuple[ConfigState, Delivery]] = []
         with contextlib.suppress(TimeoutError, StopAsyncIteration):
@@ -191,11 +203,13 @@ class ConfigService:
             for _, stale in found[:-1]:
                 await stale.ack()
             self.state, self._held = found[-1]
-            self._held_saved = self.state.saved
         for key, value in self.initial.items():
-            if key not in self.state.values:
+            # The file's value, unless a change (`edarun config set`, a handler) replaced it.
+            if self.state.versions.get(key, 0) == 0 and (
+                key not in self.state.values or self.state.values[key] != value
+            ):
                 self.state.values[key] = value
-                self.state.versions[key] = 0  # the file's value: older than any change
+                self.state.versions[key] = 0  # older than any change
                 changed = True
         if self.policy is not None and self.state.values.get(POLICY_KEY) != self.policy:
             self.state.change(POLICY_KEY, self.policy)
@@ -207,28 +221,35 @@ class ConfigService:
             self.name, len(self.state.values), len(self.state.watchers), self.state.version,
         )  # fmt: skip
 
-    async def _persist(self) -> None:
-        """Publish the state (confirmed); the snapshot it replaces is acknowledged when this one
-        arrives back (`_follow_snapshots`)."""
-        self.state.saved += 1
-        message = Message(
-            self.state.encode(),
-            f"{self.name}-{self.state.saved}-{os.urandom(4).hex()}",
-            pin=config_queue(self.pipeline).encode(),
-        )
-        await self.broker.publish(state_queue(self.pipeline), message)
+    async def _persist(self, state: ConfigState | None = None) -> None:
+        """Publish `state` (the current one by default; confirmed), then make it current. The
+        snapshot it replaces is acknowledged when this one arrives back (`_follow_snapshots`)."""
+        state = self.state if state is None else state
+        state.saved += 1
+        message_id = f"{self.name}-{state.saved}-{os.urandom(4).hex()}"
+        message = Message(state.encode(), message_id, pin=config_queue(self.pipeline).encode())
+        try:
+            await self.broker.publish(state_queue(self.pipeline), message)
+        except BrokerError:
+            state.saved -= 1
+            raise
+        self.state, self._last_saved = state, message_id
 
     async def _follow_snapshots(self) -> None:
+        """Stand on the snapshot this service wrote last; any other one that arrives (an older one
+        of its own, or one a broker held while it was down) is not the state, and goes."""
         assert self._snapshots is not None
         async for delivery in self._snapshots:
-            state = ConfigState.decode(delivery.body)
-            saved = -1 if state is None else state.saved
-            if saved >= self._held_saved:
-                previous, self._held, self._held_saved = self._held, delivery, saved
+            if delivery.message_id == self._last_saved:
+                previous, self._held = self._held, delivery
                 if previous is not None:
                     await previous.ack()
-            else:
-                await delivery.ack()
+                continue
+            if not delivery.message_id.startswith(f"{self.name}-"):
+                log.debug("%s: a snapshot that is not this service's was dropped", self.name)
+            elif ConfigState.decode(delivery.body) is not None:
+                log.info("%s: an earlier snapshot came back late and was dropped", self.name)
+            await delivery.ack()
 
     async def _serve(self) -> None:
         assert self._commands is not None
@@ -243,13 +264,13 @@ class ConfigService:
             try:
                 await self.handle(op, command)
             except BrokerError as exc:
-                # The state could not be saved or a notification not sent: the command stays in
-                # its queue and is tried again.
+                # The state could not be saved (nothing of the command is applied): it stays in its
+                # queue and is tried again.
                 log.warning("%s: %s not applied yet (%s); trying again", self.name, op, exc)
                 await delivery.nack(requeue=True)
                 await asyncio.sleep(1.0)
                 continue
-            except (KeyError, TypeError, ValueError) as exc:
+            except Exception as exc:  # a command of the wrong shape: said, and the service goes on
                 log.error("%s: bad %s command ignored (%s): %.200r", self.name, op, exc, delivery.body)
             await delivery.ack()
 
@@ -258,15 +279,21 @@ class ConfigService:
         if op == "set":
             # One key, or several at once (an edit under --reload): saved and sent as one change.
             values = command["values"] if "values" in command else {command["key"]: command["value"]}
+            if not isinstance(values, dict) or not values:
+                raise ValueError("'values' must be a mapping of keys to values")
             keys = [str(k) for k in values]
-            for key, value in zip(keys, values.values(), strict=True):
-                version = state.change(key, value)
+            state = copy.deepcopy(self.state)  # current only once it is saved
+            changed = [
+                (key, value, state.change(key, value))
+                for key, value in zip(keys, values.values(), strict=True)
+            ]
+            await self._persist(state)
+            for key, value, version in changed:
                 self.tracing.decision(
                     f"config set {key}", {"edarun.config.key": key, "edarun.config.version": version}
                 )
                 if key != POLICY_KEY:
                     log.info("%s: %s = %s (version %d)", self.name, key, _short(value), version)
-            await self._persist()
             for queue, registration in list(state.watchers.items()):
                 concerned = [k for k in keys if k in registration["keys"]]
                 if concerned:
@@ -274,8 +301,12 @@ class ConfigService:
             await self._reply(command, state.of(keys))
         elif op == "register":
             queue, watched = str(command["queue"]), [str(k) for k in command["keys"]]
+            # Declared here too: on several brokers (pattern 9) one that comes back gets it again
+            # before a change is sent there.
+            await self.broker.declare(queue)
+            state = copy.deepcopy(self.state)
             state.watchers[queue] = {"service": str(command.get("service", queue)), "keys": watched}
-            await self._persist()
+            await self._persist(state)
             await self._notify(queue, {**state.of(watched), "registered": command.get("request")})
         elif op == "get":
             if time.time() - float(command.get("at", 0)) > STALE_GET_S:
@@ -291,11 +322,15 @@ class ConfigService:
             await self.broker.publish(queue, _message(payload, self.pipeline))
         except BrokerError as exc:
             if "does not exist" not in str(exc):
-                raise
+                # The change is saved; this service hears it when it registers again (each start).
+                log.warning("%s: %s not notified (%s)", self.name, queue, exc)
+                return
             # The watching service and its queue are gone for good: stop telling it.
             log.warning("%s: watch queue %s not found; unregistered", self.name, queue)
-            self.state.watchers.pop(queue, None)
-            await self._persist()
+            state = copy.deepcopy(self.state)
+            state.watchers.pop(queue, None)
+            with contextlib.suppress(BrokerError):  # saved with the next change otherwise
+                await self._persist(state)
 
     async def _reply(self, command: dict[str, Any], payload: dict[str, Any]) -> None:
         request = command.get("request")
@@ -332,7 +367,7 @@ class ConfigWatcher:
         self.pipeline = pipeline
         self.service = service
         self.keys = list(dict.fromkeys(keys))
-        self.queue = watch_queue(service, instance)
+        self.queue = watch_queue(pipeline, service, instance)
         self.broker = broker
         self.tracing = tracing
         self.changed = changed  # (key, value, version), after the value is in place

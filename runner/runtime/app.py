@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from ..brokers import Broker, BrokerError, Depth, Message, connect_urls
+from ..brokers.multi import MultiBroker
 from ..config.loader import LoadedPipeline
 from ..config.models import Pipeline
 from ..patterns.flow import SLOW, FlowMonitor, monitor_name
@@ -99,7 +100,11 @@ async def connect(loaded: LoadedPipeline, override: str | None, timeout: float) 
     urls = broker_urls(loaded, override)
     try:
         broker = connect_urls(urls, spread_by=spread_by(loaded), queue_types=queue_types(loaded))
-        await asyncio.wait_for(broker.connect(timeout), timeout)
+        if isinstance(broker, MultiBroker):
+            broker.pinned.add(config_queue(loaded.model.name))  # pattern 4's commands, in order
+        # A little longer than each broker's own timeout: with several, one that hangs is left to
+        # join later while the others start the run.
+        await asyncio.wait_for(broker.connect(timeout), timeout + 2.0)
     except (TimeoutError, BrokerError, OSError) as exc:
         detail = redact_text(str(exc)) or "timed out"
         where = (

@@ -10,16 +10,15 @@ nothing outside can reach: there a handler changes a value by publishing the sam
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-from ..brokers import Broker, BrokerError, connect_url
+from ..brokers import Broker
 from ..config.loader import LoadedPipeline
+from ..config.models import is_memory
 from ..patterns.watch import RESERVED_PREFIX, ConfigClient, config_queue
-from ..redact import redact_text, redact_url
 from . import loop as event_loop
-from .app import EXIT_FAILURE, EXIT_INVALID, RunError
+from .app import EXIT_INVALID, RunError, broker_urls, connect
 
 ANSWER_WITHIN = 5.0  # seconds: the config service answers in milliseconds when it runs
 
@@ -35,9 +34,9 @@ def parse_value(text: str) -> Any:
 class ConfigAdmin:
     def __init__(self, loaded: LoadedPipeline, broker_url: str | None, timeout: float) -> None:
         self.loaded = loaded
-        self.url = broker_url or loaded.model.broker
+        self.override = broker_url
         self.timeout = timeout
-        if self.url.startswith("memory"):
+        if any(is_memory(url) for url in broker_urls(loaded, broker_url)):
             queue = config_queue(loaded.model.name)
             raise RunError(
                 "the memory broker lives inside one `edarun up` process, which `edarun config` cannot "
@@ -48,17 +47,9 @@ class ConfigAdmin:
         self.notes: list[str] = []  # said on stderr after the answer
 
     async def _connect(self) -> Broker:
-        broker = connect_url(self.url)
-        try:
-            await asyncio.wait_for(broker.connect(self.timeout), self.timeout)
-        except (TimeoutError, BrokerError, OSError) as exc:
-            await broker.close()
-            raise RunError(
-                f"cannot reach broker {redact_url(self.url)} within {self.timeout:g}s: "
-                f"{redact_text(str(exc)) or 'timed out'}",
-                EXIT_FAILURE,
-            ) from None
-        return broker
+        # The pipeline's broker, or its brokers (pattern 9), as its services reach them: the
+        # command goes where the config service reads, and the answer comes from any of them.
+        return await connect(self.loaded, self.override, self.timeout)
 
     async def set(self, key: str, value: Any) -> dict[str, Any]:
         if key.startswith(RESERVED_PREFIX):

@@ -91,6 +91,7 @@ class ConsumerService:
         self._supervising: asyncio.Task[None] | None = None
         self._copies = 1  # consumers per unit of `concurrency` in this process (its instances)
         self._resizing: asyncio.Task[None] | None = None
+        self._started = False
         self._own_executors: list[ThreadPoolExecutor] = []
 
     # -- the consume stack ---------------------------------------------------------------------
@@ -246,6 +247,7 @@ class ConsumerService:
             self.mirror()
 
     def start(self, count: int, *, instances: int = 1) -> None:
+        self._started = True
         policy = self.spec.autoscale
         if policy is None:
             self._copies = max(1, count // (self.spec.concurrency or 1))
@@ -268,6 +270,9 @@ class ConsumerService:
         numbers, concurrency and retry numbers. The compare in config.changes let only these through."""
         spec = model.consumers.get(self.name)
         if spec is None or spec == self.spec:
+            return
+        if not self._started:
+            self.spec = spec  # not started yet: `start` sizes the pool by it
             return
         old, self.spec = self.spec, spec
         most = spec.autoscale.max if spec.autoscale else (spec.concurrency or 1)

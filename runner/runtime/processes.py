@@ -130,7 +130,7 @@ class Supervisor:
         # The file as this run runs it: a service (re)started after an edit of the file runs the
         # same pipeline as the others (an edit reaches them only through --reload).
         self._pipeline_copy = self._workdir / "pipeline.yaml"
-        self._pipeline_copy.write_text(loaded.text, encoding="utf-8")
+        self._write_copy(loaded.text)
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -404,12 +404,19 @@ class Supervisor:
                         with contextlib.suppress(ProcessLookupError):
                             child.process.kill()
 
+    def _write_copy(self, text: str) -> None:
+        """Replace the copy at once: a service starting meanwhile reads the old or the new file,
+        never half of one."""
+        partial = self._pipeline_copy.with_suffix(".partial")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, self._pipeline_copy)
+
     def _reloader(self, broker: Broker) -> Reloader:
         reloader = self.plan._reloader(broker)
         self.plan.stats = self.stats  # the reloads go in this run's report
 
         def applied(loaded: LoadedPipeline, changes: list[str]) -> None:
-            self._pipeline_copy.write_text(loaded.text, encoding="utf-8")  # what restarts now run
+            self._write_copy(loaded.text)  # what restarts now run
             self.stats.reload_outcome("applied", changes)
 
         reloader.applied = applied

@@ -53,8 +53,10 @@ class Reloader:
         self.refused = refused
         self.every = every
         self.path = loaded.path
-        self.text = self._read()
+        # What the services run: an edit made while `up` was connecting is an edit too.
+        self.text: str | None = loaded.text
         self.stopping = asyncio.Event()
+        self._unsent = False  # the last edit could not be sent yet
 
     def _read(self) -> str | None:
         try:
@@ -70,11 +72,12 @@ class Reloader:
             text = self._read()
             if text is None or text == self.text:
                 continue
-            self.text = text
-            await self.check()
+            if await self.check():
+                self.text = text  # settled: applied, refused, or invalid until the next edit
 
-    async def check(self) -> None:
-        """Load the file as it is now and apply it, refuse it, or say it is invalid."""
+    async def check(self) -> bool:
+        """Load the file as it is now and apply it, refuse it, or say it is invalid. False when it
+        could not be sent (the broker is unreachable): the next check tries again."""
         try:
             edited = load_pipeline(self.path)
         except PipelineError as exc:
@@ -83,10 +86,10 @@ class Reloader:
             log.error("the edit is not applied; the running policies stay")
             if self.refused is not None:
                 self.refused(exc.lines)
-            return
+            return True
         changes = compare(self.loaded.model, edited.model)
         if changes.empty:
-            return
+            return True
         if changes.restart:
             lines = [f"not applied live: {what}" for what in changes.restart]
             lines.append(
@@ -97,23 +100,24 @@ class Reloader:
                 log.warning("%s", line)
             if self.refused is not None:
                 self.refused(lines)
-            return
+            return True
         values = dict(changes.config)
         if any(not line.startswith("config.") for line in changes.live):
             values[POLICY_KEY] = policy_document(edited.model)
         try:
             await self.send(values)  # one command: the config service applies all of it or none
         except BrokerError as exc:
-            lines = [f"the edit could not be sent to the config service ({exc}); save the file again"]
-            log.error("%s", lines[0])
-            if self.refused is not None:
-                self.refused(lines)
-            return
+            if not self._unsent:
+                log.error("the edit could not be sent to the config service (%s); trying again", exc)
+            self._unsent = True
+            return False
+        self._unsent = False
         self.loaded = edited
         for line in changes.live:
             log.info("applied: %s", line)
         if self.applied is not None:
             self.applied(edited, changes.live)
+        return True
 
     def stop(self) -> None:
         self.stopping.set()

@@ -70,7 +70,7 @@ def test_a_watcher_killed_during_a_change_gets_it_when_restarted(scenario: Scena
           {consumer}: {{from: {scenario.queue}, handler: "{module}:work", watch: [limit]}}
         """
     )
-    queues = [config_queue(tag), state_queue(tag), watch_queue(consumer)]
+    queues = [config_queue(tag), state_queue(tag), watch_queue(tag, consumer)]
     report = tmp_path / "report.json"
     try:
         process = scenario.up(report, until_idle=False)
@@ -108,7 +108,7 @@ consumers:
 
     scenario.path = scenario.factory.pipeline(text(1, 100000))
     services = [consumer, scenario.producer, monitor_name(queue)]
-    queues = [config_queue(tag), state_queue(tag), queue, *map(watch_queue, services)]
+    queues = [config_queue(tag), state_queue(tag), queue, *(watch_queue(tag, s) for s in services)]
     report = tmp_path / "report.json"
     try:
         process = scenario.up(report, "--reload")

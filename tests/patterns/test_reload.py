@@ -68,7 +68,9 @@ async def test_edited_policies_apply_while_running(factory: Any, run_pipeline: A
             from conftest import delete_queues
 
             services = ["feed", "worker", f"{name}-jobs.flow"]
-            await delete_queues([config_queue(name), state_queue(name), *map(watch_queue, services)])
+            await delete_queues(
+                [config_queue(name), state_queue(name), *(watch_queue(name, s) for s in services)]
+            )
     assert code == 0
     stats = runner.stats
     reloads = stats.reloads
@@ -211,13 +213,22 @@ consumers:
             from conftest import delete_queues
 
             await delete_queues(
-                [config_queue(name), state_queue(name), watch_queue("feed"), watch_queue("worker")]
+                [
+                    config_queue(name),
+                    state_queue(name),
+                    watch_queue(name, "feed"),
+                    watch_queue(name, "worker"),
+                ]
             )
     assert code == 0
     plugin = factory.imported(mod)
     assert [r["outcome"] for r in runner.stats.reloads] == ["applied"]
     # One at a time before the edit, several at once after it.
-    assert max(n for _, n in plugin.RUNNING) > 1
+    import time as clock
+
+    edit_time = clock.monotonic() - (asyncio.get_running_loop().time() - edited_at[0])
+    assert max(n for at, n in plugin.RUNNING if at < edit_time) == 1
+    assert max(n for at, n in plugin.RUNNING if at > edit_time) > 1
     # Before the edit a failure was parked at once (retry(0)); after it, retried until it passed.
     stats = runner.stats.consumers["worker"]
     assert stats.parked >= 1 and stats.retried >= 2

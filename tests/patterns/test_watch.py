@@ -40,7 +40,7 @@ def ticks():
 
 def changes():
     for value in (2, 3, 4, 5, 6):
-        yield {"value": value}
+        yield {"key": "limit", "value": value}
 
 
 def relay(event, ctx):
@@ -79,7 +79,7 @@ async def test_two_watchers_get_every_change_in_order(
         producers:
           ticks-a: {{source: "{mod}:ticks", rate: 40/s, to: {name}-a}}
           ticks-b: {{source: "{mod}:ticks", rate: 40/s, to: {name}-b}}
-          admin: {{source: "{mod}:changes", rate: 4/s, to: {name}-admin}}
+          admin: {{source: "{mod}:changes", to: {name}-admin}}
         consumers:
           relay: {{from: {name}-admin, handler: "{mod}:relay"}}
           a: {{from: {name}-a, handler: "{mod}:look", watch: [limit]}}
@@ -90,18 +90,19 @@ async def test_two_watchers_get_every_change_in_order(
     try:
         code, runner = await run_pipeline(path)
     finally:
-        queues = [config_queue(name), state_queue(name), watch_queue("a"), watch_queue("b")]
+        queues = [config_queue(name), state_queue(name), watch_queue(name, "a"), watch_queue(name, "b")]
         await cleanup(broker_url, queues)
     assert code == 0
     seen = factory.imported(mod).SEEN
     for consumer in ("a", "b"):
-        versions = [
-            int(m.group(2))
+        applied = [
+            (int(m.group(1)), int(m.group(2)))
             for record in caplog.records
             if (m := re.match(rf"{consumer}: config limit = (\d+) \(version (\d+)\)", record.getMessage()))
         ]
-        # Every change, each once, in the order the config service made them (1 is the file's value).
-        assert versions == [0, 1, 2, 3, 4, 5], versions
+        # Every change, each once, in the order it was sent (1 is the file's value), though the
+        # relay sent them back to back.
+        assert applied == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5)], applied
         values = [v for c, v in seen if c == consumer]
         assert values[0] == 1  # the file's value before any change: there before the first event
         assert values == sorted(values)  # a handler never sees an older value after a newer one
@@ -150,7 +151,7 @@ async def test_a_service_that_was_down_gets_the_change_when_back(bus: Broker, br
         await settled(lambda: a.config["limit"] == 3)
         # b's change waits in b's own durable queue.
         async with asyncio.timeout(5.0):
-            while (await bus.depth(watch_queue("b"))).ready != 1:  # noqa: ASYNC110 - the broker's count
+            while (await bus.depth(watch_queue(name, "b"))).ready != 1:  # noqa: ASYNC110 - the broker's count
                 await asyncio.sleep(0.02)
 
         # The config service goes down too: b comes back with no one to talk to but its queue.
@@ -171,7 +172,10 @@ async def test_a_service_that_was_down_gets_the_change_when_back(bus: Broker, br
         for w in (a, b):
             await w.close()
         await config.stop()
-        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("a"), watch_queue("b")])
+        await cleanup(
+            broker_url,
+            [config_queue(name), state_queue(name), watch_queue(name, "a"), watch_queue(name, "b")],
+        )
 
 
 async def test_the_config_service_keeps_its_state_across_restarts(bus: Broker, broker_url: str) -> None:
@@ -180,21 +184,22 @@ async def test_the_config_service_keeps_its_state_across_restarts(bus: Broker, b
     try:
         first = ConfigService(name, {"limit": 1, "mode": "a"}, broker=bus, tracing=tracing)
         await first.start()
-        await bus.declare(watch_queue("x"))
+        await bus.declare(watch_queue(name, "x"))
         await first.handle("set", {"key": "limit", "value": 9})
-        await first.handle("register", {"queue": watch_queue("x"), "keys": ["limit"], "service": "x"})
+        await first.handle("register", {"queue": watch_queue(name, "x"), "keys": ["limit"], "service": "x"})
         await first.stop()
-        # The file now says another initial value: the stored (changed) one wins; a new key joins.
+        # The file now says other values: a changed one stays (9); one never changed follows the
+        # file ("b"); a new key joins.
         second = ConfigService(name, {"limit": 1, "mode": "b", "extra": True}, broker=bus, tracing=tracing)
         await second.start()
-        assert second.state.values == {"limit": 9, "mode": "a", "extra": True}
+        assert second.state.values == {"limit": 9, "mode": "b", "extra": True}
         assert second.state.versions["limit"] == 1
-        assert list(second.state.watchers) == [watch_queue("x")]
+        assert list(second.state.watchers) == [watch_queue(name, "x")]
         # A watch queue that is gone is unregistered at the next change that concerns it.
         await second.stop()
-        await cleanup(broker_url, [watch_queue("x")])
+        await cleanup(broker_url, [watch_queue(name, "x")])
         if broker_url == "memory":
-            bus._queues.pop(watch_queue("x"), None)  # type: ignore[attr-defined]
+            bus._queues.pop(watch_queue(name, "x"), None)  # type: ignore[attr-defined]
         third = ConfigService(name, {}, broker=bus, tracing=tracing)
         await third.start()
         await third.handle("set", {"key": "limit", "value": 10})
@@ -203,7 +208,7 @@ async def test_the_config_service_keeps_its_state_across_restarts(bus: Broker, b
         stored = await ConfigClient(name, bus).stored()
         assert stored is not None and stored.values["limit"] == 10 and stored.watchers == {}
     finally:
-        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("x")])
+        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue(name, "x")])
 
 
 async def test_a_watcher_ignores_what_is_not_newer() -> None:
@@ -257,7 +262,7 @@ async def test_several_values_change_as_one(bus: Broker, broker_url: str) -> Non
     finally:
         await watcher.close()
         await config.stop()
-        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue("w")])
+        await cleanup(broker_url, [config_queue(name), state_queue(name), watch_queue(name, "w")])
 
 
 async def test_every_change_in_order_over_several_brokers(
@@ -275,19 +280,20 @@ async def test_every_change_in_order_over_several_brokers(
         version: 1
         name: {name}
         brokers: {json.dumps(multi_urls)}
+        spread: by_context(key)  # the admin events keep their order; the ticks have no key
         plugins: [plugins]
         config:
           limit: 1
         producers:
           ticks-a: {{source: "{mod}:ticks", rate: 40/s, to: {name}-a}}
-          admin: {{source: "{mod}:changes", rate: 4/s, to: {name}-admin}}
+          admin: {{source: "{mod}:changes", to: {name}-admin}}
         consumers:
           relay: {{from: {name}-admin, handler: "{mod}:relay"}}
           a: {{from: {name}-a, handler: "{mod}:look", watch: [limit]}}
         """
     )
     caplog.set_level(logging.INFO, logger="edarun.config")
-    queues = [config_queue(name), state_queue(name), watch_queue("a"), f"{name}-a", f"{name}-admin"]
+    queues = [config_queue(name), state_queue(name), watch_queue(name, "a"), f"{name}-a", f"{name}-admin"]
     try:
         runner = Runner(load_pipeline(path), RunOptions(until_idle=True))
         assert await asyncio.wait_for(runner.run(), 90) == 0
@@ -297,9 +303,32 @@ async def test_every_change_in_order_over_several_brokers(
 
             for url in multi_urls:
                 await delete_queues([*queues, "a.dashboard", "relay.dashboard"], url)
-    versions = [
-        int(m.group(1))
+    applied = [
+        (int(m.group(1)), int(m.group(2)))
         for record in caplog.records
-        if (m := re.match(r"a: config limit = \d+ \(version (\d+)\)", record.getMessage()))
+        if (m := re.match(r"a: config limit = (\d+) \(version (\d+)\)", record.getMessage()))
     ]
-    assert versions == [0, 1, 2, 3, 4, 5], versions
+    # The relay's `set`s went out back to back through ctx.publish: they stayed in order.
+    assert applied == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5)], applied
+
+
+async def test_a_bad_command_or_a_stray_snapshot_changes_nothing(bus: Broker, broker_url: str) -> None:
+    name = unique("bad")
+    tracing = Tracing()
+    config = ConfigService(name, {"limit": 1}, broker=bus, tracing=tracing)
+    await config.start()
+    client = ConfigClient(name, bus)
+    try:
+        for body in (b"not json", b'{"op": "set", "values": [1, 2]}', b'{"op": "launch"}', b'{"op": "set"}'):
+            await bus.publish(config_queue(name), Message(body, os.urandom(4).hex()))
+        # A snapshot of someone else's (or one a broker held back) arrives while the service runs.
+        stray = ConfigState(version=99, values={"limit": -1}, versions={"limit": 99}, saved=999)
+        await bus.publish(state_queue(name), Message(stray.encode(), "stray-snapshot"))
+        answer = await client.request({"op": "set", "key": "limit", "value": 2}, timeout=5.0)
+        assert answer is not None and answer["values"] == {"limit": 2}  # still serving
+        assert config.state.values == {"limit": 2} and config.state.version == 1
+        answer = await client.request({"op": "get"}, timeout=5.0)
+        assert answer is not None and answer["values"] == {"limit": 2}  # the stray one is not the state
+    finally:
+        await config.stop()
+        await cleanup(broker_url, [config_queue(name), state_queue(name)])

@@ -96,10 +96,14 @@ def up(
     traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="the status as a JSON line every second on stdout")
+    ] = False,
 ) -> None:
     """Run a pipeline: its producers, queues and consumers on the broker."""
-    from .runtime.app import RunError, RunOptions, run_pipeline
-    from .runtime.live import LiveView, LogView
+    from .runtime.app import RunError, RunOptions, broker_urls, run_pipeline
+    from .runtime.live import JsonView, LiveView, LogView
+    from .runtime.status import StatusBuilder
 
     loaded = _load(pipeline)
     if traces is not None:
@@ -116,9 +120,14 @@ def up(
             check_broker_url(broker)
         except ValueError as exc:
             _fail(f"--broker: {exc}", 2)
-    interactive = err.is_terminal and not os.environ.get("CI")
+    interactive = err.is_terminal and not os.environ.get("CI") and not as_json
     _logging(verbose, live=interactive)
-    view = LiveView(err) if interactive else LogView(err)
+    status = StatusBuilder(loaded, broker_urls(loaded, broker), only=only or ())
+    view: JsonView | LiveView | LogView
+    if as_json:
+        view = JsonView(sys.stdout, status, err)
+    else:
+        view = LiveView(err, status) if interactive else LogView(err)
     options = RunOptions(
         broker=broker,
         until_idle=until_idle,

@@ -286,6 +286,34 @@ def send(
     out.print(f"sent {message_id} to {target}", markup=False)
 
 
+@app.command()
+def status(
+    pipeline: PipelineArg,
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+    wait: Annotated[float, typer.Option(help="seconds to wait for a running edarun up")] = 3.0,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+) -> None:
+    """The status of a pipeline running elsewhere (RabbitMQ): queues, lanes, consumers, flow,
+    parked; from the broker alone when no edarun up answers."""
+    from .runtime.app import RunError
+    from .runtime.live import render
+    from .runtime.status_admin import run_status
+
+    loaded = _load(pipeline)
+    if wait <= 0:
+        _fail("--wait: give the seconds to wait, above 0", 2)
+    _quiet_libraries(verbose=False)  # an unreachable broker is one line of ours, not theirs too
+    try:
+        document = run_status(loaded, broker, connect_timeout, wait)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
+    if as_json:
+        out.print(redact_text(json.dumps(document, indent=2)), markup=False)
+    else:
+        out.print(render(document), width=None if out.is_terminal else 120)  # a pipe: not 80
+
+
 class DashboardAction(StrEnum):
     list = "list"
     show = "show"

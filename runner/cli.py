@@ -96,10 +96,14 @@ def up(
     traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="the status as a JSON line every second on stdout")
+    ] = False,
 ) -> None:
     """Run a pipeline: its producers, queues and consumers on the broker."""
-    from .runtime.app import RunError, RunOptions, run_pipeline
-    from .runtime.live import LiveView, LogView
+    from .runtime.app import RunError, RunOptions, broker_urls, run_pipeline
+    from .runtime.live import JsonView, LiveView, LogView
+    from .runtime.status import StatusBuilder
 
     loaded = _load(pipeline)
     if traces is not None:
@@ -116,9 +120,14 @@ def up(
             check_broker_url(broker)
         except ValueError as exc:
             _fail(f"--broker: {exc}", 2)
-    interactive = err.is_terminal and not os.environ.get("CI")
+    interactive = err.is_terminal and not os.environ.get("CI") and not as_json
     _logging(verbose, live=interactive)
-    view = LiveView(err) if interactive else LogView(err)
+    status = StatusBuilder(loaded, broker_urls(loaded, broker), only=only or ())
+    view: JsonView | LiveView | LogView
+    if as_json:
+        view = JsonView(sys.stdout, status, err)
+    else:
+        view = LiveView(err, status) if interactive else LogView(err)
     options = RunOptions(
         broker=broker,
         until_idle=until_idle,
@@ -296,6 +305,34 @@ def send(
     except RunError as exc:
         _fail(str(exc), exc.code)
     out.print(f"sent {message_id} to {target}", markup=False)
+
+
+@app.command()
+def status(
+    pipeline: PipelineArg,
+    broker: Annotated[str | None, typer.Option(help="broker URL, overrides the file's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+    wait: Annotated[float, typer.Option(help="seconds to wait for a running edarun up")] = 3.0,
+    connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
+) -> None:
+    """The status of a pipeline running elsewhere (RabbitMQ): queues, lanes, consumers, flow,
+    parked; from the broker alone when no edarun up answers."""
+    from .runtime.app import RunError
+    from .runtime.live import render
+    from .runtime.status_admin import run_status
+
+    loaded = _load(pipeline)
+    if wait <= 0:
+        _fail("--wait: give the seconds to wait, above 0", 2)
+    _quiet_libraries(verbose=False)  # an unreachable broker is one line of ours, not theirs too
+    try:
+        document = run_status(loaded, broker, connect_timeout, wait)
+    except RunError as exc:
+        _fail(str(exc), exc.code)
+    if as_json:
+        out.print(redact_text(json.dumps(document, indent=2)), markup=False)
+    else:
+        out.print(render(document), width=None if out.is_terminal else 120)  # a pipe: not 80
 
 
 class DashboardAction(StrEnum):

@@ -1,77 +1,114 @@
-"""What `up` shows while it runs: a live rich table on a terminal, otherwise a log line per change."""
+"""What `up` shows while it runs: a live rich view on a terminal, JSON lines with `--json`,
+otherwise a log line per change; and the view `edarun status` prints."""
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from typing import IO, Any
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
+from ..redact import redact_text
 from .stats import RunStats
+from .status import STATUS_EVERY, StatusBuilder
 
 
-class _Rates:
-    """processed/s per consumer over the last few seconds."""
-
-    def __init__(self) -> None:
-        self.samples: dict[str, list[tuple[float, int]]] = {}
-
-    def rate(self, name: str, processed: int) -> float:
-        now = time.monotonic()
-        window = self.samples.setdefault(name, [])
-        window.append((now, processed))
-        while len(window) > 2 and now - window[0][0] > 3.0:
-            window.pop(0)
-        (t0, n0), (t1, n1) = window[0], window[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+def _count(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
-_COLUMNS = (
-    "service",
-    "kind",
-    "state",
-    "depth",
-    "consumers",
-    "done",
-    "per s",
-    "failed",
-    "retried",
-    "parked",
-    "restarts",
-)
-_LEFT = {"service", "kind", "state"}
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
 
 
-def table(stats: RunStats, rates: _Rates) -> Table:
-    grid = Table(title=f"edarun · {stats.pipeline} · {stats.elapsed:.1f}s", expand=False)
-    for column in _COLUMNS:
-        grid.add_column(column, justify="left" if column in _LEFT else "right")
-    for name, p in stats.producers.items():
-        state = "exhausted" if p.done else "publishing"
-        if not p.done and p.delayed and "slow" in stats.flow_state.values():
-            state = "slowed"
-        grid.add_row(name, "producer", state, "", "", str(p.published), "", str(p.rejected), "", "", "")
-    for name, c in stats.consumers.items():
-        rate = f"{rates.rate(name, c.processed):.0f}"
-        state = "in flight " + str(c.in_flight) if c.in_flight else ("idle" if c.consumers else "stopped")
-        counts = (c.processed, c.failed, c.retried, c.parked, c.restarts)
-        grid.add_row(
-            name, "consumer", state, "", str(c.consumers), str(counts[0]), rate, *map(str, counts[1:])
-        )
-    for queue, depth in sorted(stats.depth.items()):
-        flow = {"slow": "flow: slow down", "resume": "flow: normal"}.get(stats.flow_state.get(queue, ""), "")
-        grid.add_row(queue, "queue", flow, str(depth), "", "", "", "", "", "", "")
+class _Grid(Table):
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        # Names are the user's: never read as rich markup.
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **options)
+
+
+def _table(*columns: str) -> Table:
+    # Two spaces between columns (a separator and a right padding): 100 columns hold the widest.
+    grid = _Grid(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
+    for column in columns:
+        grid.add_column(column, justify="left" if column in _LEFT else "right", overflow="ellipsis")
     return grid
 
 
-class LiveView:
-    """A refreshing table on a terminal."""
+_LEFT = {"producer", "to", "state", "queue", "flow", "read by", "consumer"}
 
-    def __init__(self, console: Console) -> None:
+
+def render(status: dict[str, Any]) -> RenderableType:
+    """A status document (runtime.status) as one view: a title line, then producers, queues (each
+    with its priority lane and flow state) and consumers, in the order events flow through them."""
+    parts: list[RenderableType] = [Text(_title(status), style="bold")]
+    producers, queues, consumers = status["producers"], status["queues"], status["consumers"]
+    if producers:
+        slow = {q for q, entry in queues.items() if entry.get("flow") == "slow"}
+        delayed = any(p["delayed"] for p in producers.values()) or any("flow" in q for q in queues.values())
+        grid = _table("producer", "to", "state", "published", "rejected", *(["delayed"] if delayed else []))
+        for name, p in producers.items():
+            state = "exhausted" if p["done"] else "slowed" if slow & set(p["to"]) else "publishing"
+            counts = [str(p["published"]), str(p["rejected"]), *([str(p["delayed"])] if delayed else [])]
+            grid.add_row(name, ", ".join(p["to"]), state, *counts)
+        parts += [grid, Text("")]
+    if queues:
+        readers: dict[str, list[str]] = {}
+        for name, c in consumers.items():
+            readers.setdefault(c.get("queue") or "", []).append(name)
+            readers.setdefault(f"{name}.workflow", []).append("workflow processor")
+        running = status["from"] == "up"  # the broker alone knows no max depth nor flow state
+        grid = _table("queue", "depth", "lane", *(["max", "flow"] if running else []), "read by")
+        for name, q in queues.items():
+            flow = q.get("flow", "")
+            row: list[Any] = [name + ("" if q.get("complete", True) else " (incomplete)"), str(q["depth"])]
+            row.append(_count(q.get("lane_depth")))
+            if running:
+                row += [_count(q.get("max_depth")), Text(flow, style="bold red" if flow == "slow" else "")]
+            grid.add_row(*row, ", ".join(readers.get(name, [])))
+        parts += [grid, Text("")]
+    if consumers and status["from"] == "broker":
+        grid = _table("consumer", "parked")
+        for name, c in consumers.items():
+            grid.add_row(name, str(c["parked"]))
+        parts.append(grid)
+    elif consumers:
+        # Repairs and restarts get a column once there are some: a new column draws the eye.
+        repaired = ["repaired"] if any(c["repaired"] for c in consumers.values()) else []
+        restarts = ["restarts"] if any(c["restarts"] for c in consumers.values()) else []
+        columns = ["consumer", "consumers", "done", "per s", "p50 ms", "p99 ms", "failed", "retried"]
+        grid = _table(*columns, *repaired, "parked", *restarts)
+        for name, c in consumers.items():
+            latency = c["latency_ms"]
+            row = [name, str(c["consumers"]), str(c["processed"]), f"{c['rate_per_s']:.0f}"]
+            row += [_ms(latency["p50"]), _ms(latency["p99"]), str(c["failed"]), str(c["retried"])]
+            row += [str(c[key]) for key in (*repaired, "parked", *restarts)]
+            grid.add_row(*row)
+        parts.append(grid)
+    return Group(*parts)
+
+
+def _title(status: dict[str, Any]) -> str:
+    brokers = ", ".join(status["brokers"])
+    if status["from"] == "broker":
+        return f"edarun · {status['pipeline']} · {brokers} · {status['note']} · parked {status['parked']}"
+    sources = len(status["sources"])
+    heard = f" · {sources} edarun up" if sources > 1 else ""
+    elapsed = f"{status['elapsed_s']:.1f}s"
+    return f"edarun · {status['pipeline']} · {elapsed} · {brokers}{heard} · parked {status['parked']}"
+
+
+class LiveView:
+    """A refreshing view on a terminal."""
+
+    def __init__(self, console: Console, builder: StatusBuilder) -> None:
         self.console = console
-        self.rates = _Rates()
+        self.builder = builder
         self.live = Live(console=console, refresh_per_second=4, transient=False)
         self.live.start()
         self._last = 0.0
@@ -80,12 +117,40 @@ class LiveView:
         now = time.monotonic()
         if now - self._last >= 0.25:
             self._last = now
-            self.live.update(table(stats, self.rates))
+            self.live.update(render(self.builder.snapshot(stats)))
 
     def close(self, stats: RunStats, outcome: str) -> None:
-        self.live.update(table(stats, self.rates))
+        self.live.update(render(self.builder.snapshot(stats)))
         self.live.stop()
         self.console.print(summary(stats, outcome))
+
+
+class JsonView:
+    """`up --json`: the status document as one JSON line every STATUS_EVERY seconds on `out`, and
+    a last one with the outcome when `up` ends; the summary line goes to `console` (stderr)."""
+
+    def __init__(
+        self, out: IO[str], builder: StatusBuilder, console: Console, every: float = STATUS_EVERY
+    ) -> None:
+        self.out = out
+        self.builder = builder
+        self.console = console
+        self.every = every
+        self._last = float("-inf")
+
+    def _write(self, document: dict[str, Any]) -> None:
+        self.out.write(redact_text(json.dumps(document)) + "\n")
+        self.out.flush()
+
+    def update(self, stats: RunStats) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            self._write(self.builder.snapshot(stats))
+
+    def close(self, stats: RunStats, outcome: str) -> None:
+        self._write({**self.builder.snapshot(stats), "outcome": outcome})
+        self.console.print(summary(stats, outcome), markup=False, highlight=False, soft_wrap=True)
 
 
 class LogView:

@@ -43,6 +43,7 @@ from .counters import read_counters
 from .dashboard import dashboard_queue
 from .reload import Reloader
 from .stats import ConsumerStats, ProducerStats, RunStats
+from .status import StatusBroadcaster, StatusBuilder
 
 log = logging.getLogger("edarun.supervisor")
 
@@ -125,6 +126,7 @@ class Supervisor:
                 self.stats.consumers.setdefault(child.stats_key, ConsumerStats())
         self.stopping = False
         self.stop_requested = asyncio.Event()
+        self.status: StatusBroadcaster | None = None  # says the run's status for `edarun status`
         self._followers: set[asyncio.Task[None]] = set()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"edarun-{model.name}-"))
         # The file as this run runs it: a service (re)started after an edit of the file runs the
@@ -303,6 +305,8 @@ class Supervisor:
                 await broker.declare(queue)
             for name in self.loaded.model.consumers:
                 await broker.declare(dashboard_queue(name))
+            builder = StatusBuilder(self.loaded, broker.urls, only=self.options.only)
+            self.status = StatusBroadcaster(broker, builder)
             # Consumers first, so the first events find someone to take them; producers last, so a
             # flow monitor is there to tell them the state.
             # The config service before anyone who registers with it.
@@ -326,6 +330,8 @@ class Supervisor:
             if started:
                 await self._stop_children()
                 self._merge()
+            if self.status is not None:
+                await self.status.close()
             if broker is not None:
                 if started:
                     await self._sample(broker)
@@ -352,6 +358,8 @@ class Supervisor:
             self._merge()
             if self.options.view is not None:
                 self.options.view.update(self.stats)
+            if self.status is not None:
+                self.status.offer(self.stats)
             if self.stop_requested.is_set():
                 return "interrupted"
             if self.options.until_idle and self._quiet(depths, consumed):

@@ -237,3 +237,63 @@ consumers:
     # 400 events at 100/s would take 4 s; at 400/s after the edit the run ends well before.
     assert runner.stats.producers["feed"].published == 400
     assert runner.stats.elapsed < 3.9
+
+
+LANES = """
+import time
+
+LANE = {}  # id -> the lane the event came from
+
+
+def feed():
+    for i in range(300):
+        yield {"id": i, "kind": "A" if i % 2 else "B"}
+
+
+def work(event, ctx):
+    LANE[event["id"]] = (ctx.lane, event["kind"], time.monotonic())
+    time.sleep(0.001)
+"""
+
+
+async def test_a_lane_expression_applies_live(factory: Any, run_pipeline: Any, broker_url: str) -> None:
+    name = f"lanes-{os.getpid()}-{os.urandom(3).hex()}"
+    mod = factory.module("reload_lanes", LANES)
+
+    def text(kind: str) -> str:
+        return f"""
+version: 1
+name: {name}
+plugins: [plugins]
+producers:
+  feed: {{source: "{mod}:feed", rate: 150/s, to: {name}-work}}
+consumers:
+  worker: {{from: {name}-work, handler: "{mod}:work", priority_lane: "when(kind == '{kind}')"}}
+"""
+
+    path = factory.pipeline(text("A"))
+
+    async def edit() -> None:
+        await asyncio.sleep(0.8)
+        path.write_text(text("B"))
+
+    editing = asyncio.create_task(edit())
+    try:
+        code, runner = await run_pipeline(path, reload=True)
+    finally:
+        editing.cancel()
+        if broker_url != "memory":
+            from conftest import delete_queues
+
+            services = ["feed", "worker"]
+            await delete_queues(
+                [config_queue(name), state_queue(name), *(watch_queue(name, s) for s in services)]
+            )
+    assert code == 0
+    assert [r["outcome"] for r in runner.stats.reloads] == ["applied"]
+    lanes = factory.imported(mod).LANE
+    assert len(lanes) == 300
+    in_order = sorted(lanes.values(), key=lambda item: item[2])
+    # The first events take the lane when they are A, the last ones when they are B.
+    assert all((lane == "priority") == (kind == "A") for lane, kind, _ in in_order[:40])
+    assert all((lane == "priority") == (kind == "B") for lane, kind, _ in in_order[-40:])

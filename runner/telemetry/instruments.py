@@ -41,7 +41,7 @@ CONSUMER_GAUGES = (
 # per producer, attribute edarun.producer
 PRODUCER_COUNTERS = (
     ("edarun.producer.published", "{event}", "Events published.", "published"),
-    ("edarun.producer.rejected", "{event}", "Events a publish failed for.", "rejected"),
+    ("edarun.producer.rejected", "{event}", "Source events unreadable or without a route.", "rejected"),
     ("edarun.producer.delayed", "{event}", "Events held back by flow control.", "delayed"),
 )
 

@@ -94,6 +94,9 @@ def up(
     ] = False,
     report: Annotated[Path | None, typer.Option(help="write a JSON summary here when up ends")] = None,
     traces: Annotated[str | None, typer.Option(help="none | console | otlp | file(path)")] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="none | otlp | prometheus | prometheus([HOST:]PORT)")
+    ] = None,
     connect_timeout: Annotated[float, typer.Option(help="seconds to reach the broker")] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
     as_json: Annotated[
@@ -113,6 +116,8 @@ def up(
             parse_traces(traces)
         except PolicySyntaxError as exc:
             _fail(f"--traces: {exc}", 2)
+    if metrics is not None:
+        _check_metrics(metrics)
     if broker is not None:
         from .config.models import check_broker_url
 
@@ -134,6 +139,7 @@ def up(
         only=only or (),
         report=report,
         traces=traces,
+        metrics=metrics,
         connect_timeout=connect_timeout,
         view=view,
         reload=reload,
@@ -153,6 +159,21 @@ def up(
     except KeyboardInterrupt:
         code = 130
     raise typer.Exit(code)
+
+
+def _check_metrics(spec: str) -> None:
+    """--metrics takes what `telemetry.metrics` takes in the file; exit 2 and one line if not."""
+    from pydantic import ValidationError
+
+    from .config.models import Metrics
+
+    try:
+        Metrics.model_validate(spec)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        _fail(f"--metrics: {where + ': ' if where else ''}{message}", 2)
 
 
 @app.command(hidden=True)

@@ -156,6 +156,7 @@ def test_bad_arguments_exit_2(factory, jsonl) -> None:  # type: ignore[no-untype
     path = two_stage(factory, jsonl, count=1)
     assert edarun("up", str(path), "--only", "nobody").returncode == 2
     assert edarun("up", str(path), "--traces", "sometimes").returncode == 2
+    assert edarun("up", str(path), "--metrics", "prometheus(0)").returncode == 2
     assert edarun("up", str(path), "--broker", "redis://x").returncode == 2
     assert edarun("up", str(path), "--bogus-flag").returncode == 2
     sent = edarun("send", str(path), "orders", '{"n": 1}')

@@ -28,6 +28,7 @@ from .policies import (
     Autoscale,
     Dedupe,
     FlowControl,
+    Metrics,
     OnError,
     Ordering,
     Policy,
@@ -47,6 +48,7 @@ __all__ = [
     "Expression",
     "FieldPath",
     "FlowControl",
+    "Metrics",
     "Model",
     "OnError",
     "Ordering",
@@ -72,12 +74,17 @@ class Telemetry(Model):
     """OpenTelemetry settings."""
 
     traces: Traces = Field(default_factory=Traces, description="none | console | otlp | file(path)")
+    metrics: Metrics = Field(
+        default_factory=Metrics,
+        description="none | otlp | prometheus | prometheus(PORT) | prometheus(HOST:PORT)",
+    )
     endpoint: str = Field(
         default="http://127.0.0.1:4318",
-        description="OTLP/HTTP base URL; spans go to {endpoint}/v1/traces (Jaeger listens on 4318)",
+        description="OTLP/HTTP base URL; spans go to {endpoint}/v1/traces, metrics to {endpoint}/v1/metrics "
+        "(Jaeger listens on 4318)",
     )
     service_name: str | None = Field(
-        default=None, description="service.name of the spans (default: the pipeline name)"
+        default=None, description="service.name of the spans and metrics (default: the pipeline name)"
     )
 
 

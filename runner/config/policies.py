@@ -82,6 +82,34 @@ class Traces(Policy):
         return self
 
 
+class Metrics(Policy):
+    """Where metrics go. Compact: `none` | `otlp` | `prometheus` | `prometheus([HOST:]PORT)`."""
+
+    form = "'none' | 'otlp' | 'prometheus' | 'prometheus(PORT)' | 'prometheus(HOST:PORT)'"
+    examples = ["none", "otlp", "prometheus", "prometheus(9464)", "prometheus(0.0.0.0:9464)"]
+
+    exporter: Literal["none", "otlp", "prometheus"] = Field(
+        default="none",
+        description="none, otlp (OTLP/HTTP protobuf to {endpoint}/v1/metrics) or prometheus (an HTTP "
+        "endpoint /metrics to scrape)",
+    )
+    host: str = Field(
+        default="127.0.0.1", min_length=1, description="prometheus: the address the endpoint listens on"
+    )
+    port: int = Field(default=9464, ge=1, le=65535, description="prometheus: the port of the endpoint")
+    every: Duration = Field(default=5.0, description="otlp: how often metrics are exported")
+    _expand = _compact(policy.parse_metrics)
+
+    @model_validator(mode="after")
+    def _options_of_exporter(self) -> Metrics:
+        for name in ("host", "port"):
+            if self.exporter != "prometheus" and _changed(self, name):
+                raise ValueError(f"'{name}' belongs to the prometheus exporter")
+        if self.exporter != "otlp" and _changed(self, "every"):
+            raise ValueError("'every' belongs to the otlp exporter")
+        return self
+
+
 class Source(Policy):
     """Where a producer's events come from. Compact: `file(path)` or `module:function`."""
 

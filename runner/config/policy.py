@@ -156,3 +156,21 @@ def parse_traces(text: str) -> dict[str, Any]:
     if (arg := _call(text, "file")) is not None and arg:
         return {"exporter": "file", "path": arg}
     raise PolicySyntaxError("expected 'none', 'console', 'otlp' or 'file(path)'")
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    expected = "'none', 'otlp', 'prometheus', 'prometheus(PORT)' or 'prometheus(HOST:PORT)'"
+    text = text.strip()
+    if text in ("none", "otlp", "prometheus"):
+        return {"exporter": text}
+    arg = _call(text, "prometheus")
+    if arg is None:
+        raise PolicySyntaxError(f"expected {expected}")
+    host, colon, port = arg.rpartition(":")
+    port = port.strip()
+    if not re.fullmatch(r"\d+", port) or (colon and not host.strip()):
+        raise PolicySyntaxError(f"expected {expected}: PORT is a number, an IPv6 HOST is in brackets")
+    metrics: dict[str, Any] = {"exporter": "prometheus", "port": port}
+    if colon:
+        metrics["host"] = host.strip().removeprefix("[").removesuffix("]")
+    return metrics

@@ -23,13 +23,13 @@ import orjson
 from ..brokers import Broker, BrokerError, Depth, Message, connect_urls
 from ..brokers.multi import MultiBroker
 from ..config.loader import LoadedPipeline
-from ..config.models import Pipeline
+from ..config.models import Metrics, Pipeline
 from ..patterns.flow import SLOW, FlowMonitor, monitor_name
 from ..patterns.priority import LaneRule, lane_queue, lane_rules, update_rules
 from ..patterns.watch import POLICY_KEY, ConfigService, ConfigWatcher, config_queue, config_service_name
 from ..patterns.workflow import WorkflowProcessor, workflow_queue
 from ..redact import redact_text, redact_url
-from ..telemetry import Tracing
+from ..telemetry import MeteredRun, MetricsError, RunMetrics, Tracing
 from . import loop as event_loop
 from .consumer import ConsumerService
 from .counters import SharedCounters
@@ -37,7 +37,7 @@ from .dashboard import Dashboard, dashboard_queue
 from .producer import ProducerService
 from .publisher import Publisher
 from .reload import Reloader, policy_document
-from .stats import ConsumerStats, ProducerStats, RunStats
+from .stats import HANDLER_BUCKETS_S, ConsumerStats, ProducerStats, RunStats
 
 log = logging.getLogger("edarun")
 Service = ConsumerService | WorkflowProcessor  # what the runner starts, watches and drains
@@ -62,6 +62,7 @@ class RunOptions:
     only: Sequence[str] = ()
     report: Path | None = None
     traces: str | None = None  # overrides telemetry.traces: none | console | otlp | file(path)
+    metrics: str | None = None  # overrides telemetry.metrics: none | otlp | prometheus([HOST:]PORT)
     connect_timeout: float = 30.0
     view: Any = None  # a runtime.live view; None = no output
     skip: dict[str, int] = field(default_factory=dict)  # producer → source events already published
@@ -222,6 +223,33 @@ class Runner:
             service_name=model.telemetry.service_name or model.name,
         )
 
+    def _metrics(self, stats: RunStats, system: str) -> RunMetrics:
+        """The run's metrics, read from `stats` (the supervisor's merged ones on RabbitMQ): one
+        exporter per `up`, so a service process exports nothing. Raises RunError."""
+        if self.options.single_service:
+            return RunMetrics()
+        telemetry = self.loaded.model.telemetry
+        spec = telemetry.metrics
+        if self.options.metrics is not None:
+            spec = Metrics.model_validate(self.options.metrics)  # the CLI flag takes the YAML's syntax
+        run = MeteredRun(
+            stats,
+            system=system,
+            consumer_queues={name: c.from_ for name, c in self.loaded.model.consumers.items()},
+            flow_queues=self.monitored,
+            bounds=HANDLER_BUCKETS_S,
+        )
+        try:
+            metrics = RunMetrics.setup(
+                spec.exporter, run, endpoint=telemetry.endpoint, host=spec.host, port=spec.port,
+                every=spec.every, service_name=telemetry.service_name or self.loaded.model.name,
+            )  # fmt: skip
+        except MetricsError as exc:
+            raise RunError(str(exc), EXIT_FAILURE) from None
+        if metrics.url is not None:
+            log.info("metrics for Prometheus at %s", metrics.url)
+        return metrics
+
     async def _connect(self) -> Broker:
         return await connect(self.loaded, self.options.broker, self.options.connect_timeout)
 
@@ -298,11 +326,13 @@ class Runner:
         self.stop_requested = asyncio.Event()
         event_loop.on_stop_signals(self.request_stop)
         tracing = Tracing()
+        metrics = RunMetrics()
         broker: Broker | None = None
         config_service: ConfigService | None = None
         outcome = "failed"
         try:
             broker = await self._connect()
+            metrics = self._metrics(self.stats, broker.system)
             tracing = self._tracing()
             model = self.loaded.model
             for queue in queues_of(self.loaded):
@@ -360,7 +390,7 @@ class Runner:
             event_loop.default_signals()
             if broker is not None:
                 await broker.close()
-            await asyncio.to_thread(tracing.shutdown)
+            await asyncio.gather(asyncio.to_thread(tracing.shutdown), asyncio.to_thread(metrics.shutdown))
             if hasattr(self, "executor"):
                 self.executor.shutdown(wait=False)
             self._write_report(outcome)

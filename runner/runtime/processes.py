@@ -26,6 +26,7 @@ from ..brokers import Broker, Depth
 from ..config.loader import LoadedPipeline
 from ..patterns.flow import monitor_name
 from ..patterns.watch import config_queue
+from ..telemetry import RunMetrics
 from . import loop as event_loop
 from .app import (
     EXIT_FAILURE,
@@ -297,10 +298,13 @@ class Supervisor:
     async def run(self) -> int:
         event_loop.on_stop_signals(self.request_stop)
         broker: Broker | None = None
+        metrics = RunMetrics()
         outcome = "failed"
         started = False
         try:
             broker = await self.plan._connect()
+            # The one exporter of the run: its services' counts, merged here.
+            metrics = self.plan._metrics(self.stats, broker.system)
             for queue in queues_of(self.loaded):
                 await broker.declare(queue)
             for name in self.loaded.model.consumers:
@@ -336,6 +340,7 @@ class Supervisor:
                 if started:
                     await self._sample(broker)
                 await broker.close()
+            await asyncio.to_thread(metrics.shutdown)
             event_loop.default_signals()
             shutil.rmtree(self._workdir, ignore_errors=True)
             self.plan.stats = self.stats

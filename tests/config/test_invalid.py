@@ -464,6 +464,28 @@ CASES = [
         ("consumers.worker.autoscale", "expected 'depth/N max M"),
         cli=False,
     ),
+    Case(
+        "metrics-does-not-parse",
+        BASE + "telemetry:\n  metrics: statsd\n",
+        13,
+        12,
+        ("telemetry.metrics", "expected 'none', 'otlp', 'prometheus', 'prometheus(PORT)'"),
+    ),
+    Case(
+        "metrics-port-out-of-range",
+        BASE + "telemetry:\n  metrics: prometheus(0.0.0.0:70000)\n",
+        13,
+        12,
+        ("telemetry.metrics.port", "less than or equal to 65535"),
+    ),
+    Case(
+        "metrics-option-of-another-exporter",
+        BASE + "telemetry:\n  metrics:\n    exporter: otlp\n    port: 9000\n",
+        13,
+        3,
+        ("telemetry.metrics", "'port' belongs to the prometheus exporter"),
+        cli=False,
+    ),
 ]
 
 # name → (text, through the CLI): the CLI redacts URLs it prints, the loader must not print them

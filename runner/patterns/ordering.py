@@ -33,6 +33,9 @@ from .priority import PRIORITY, OrderGuard, PriorityFeed
 Hashable = str | int | float | bool
 SWEEP_EVERY = 0.25  # seconds between looks at a lane that held events wait on
 SWEEP_SETTLE = 0.1
+# After a reconnect the broker pushes back what the dead channels held; until that has surely
+# arrived, a lane looking empty proves nothing (its events may be on the wire), so no sweep.
+RECONNECT_GRACE = 1.5
 Make = Callable[[Delivery, int], Envelope]  # builds the envelope of a delivery for a worker
 _NO_CONTEXT = object()
 
@@ -198,6 +201,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        reconnected_at = -RECONNECT_GRACE  # loop time of the last reconnect
         while True:
             kind, first, second = await self.inbox.get()
             if kind == "deliver":
@@ -209,8 +213,11 @@ class Dispatcher:
             elif kind == "reconnected":
                 if self.guard is not None:
                     self.guard.reconnected()
+                reconnected_at = loop.time()
             elif kind == "drained":
                 assert self.guard is not None
+                if second < reconnected_at + RECONNECT_GRACE:
+                    continue  # the sweep looks again
                 for delivery, make in self.guard.drained(first, second):
                     self._route(delivery, make)
             elif kind == "finished":

@@ -356,14 +356,16 @@ class AmqpBroker:
         if self.failover and not self._up:
             raise BrokerUnavailable(f"{self.url} is down")
 
-    async def declare(self, queue: str) -> None:
+    async def declare(self, queue: str, *, expires: float | None = None) -> None:
         if queue in self._declared:
             return
         self._refuse_while_down()
-        arguments = {}
+        arguments: dict[str, Any] = {}
         queue_type = self.queue_types.get(queue, "classic")
         if queue_type == "quorum":
             arguments["x-queue-type"] = "quorum"
+        if expires is not None:
+            arguments["x-expires"] = int(expires * 1000)
         channel = self._admin_channel
         assert channel is not None
         try:

@@ -124,8 +124,10 @@ class Broker(Protocol):
 
     async def connect(self, timeout: float) -> None: ...
 
-    async def declare(self, queue: str) -> None:
-        """Create the queue if missing (idempotent)."""
+    async def declare(self, queue: str, *, expires: float | None = None) -> None:
+        """Create the queue if missing (idempotent). With `expires` (seconds), the broker deletes
+        it once it has gone unused that long (no consumer, no declare): a queue of a service that
+        may never come back. Every declare of a queue must say the same."""
 
     async def publish(self, queue: str, message: Message) -> str:
         """Returns once the broker has taken responsibility (a publisher confirm on RabbitMQ): the

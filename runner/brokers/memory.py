@@ -265,9 +265,9 @@ class MemoryBroker:
             queue = self._queues[name] = _Queue(name, self.url, down=self._down)
         return queue
 
-    async def declare(self, queue: str) -> None:
+    async def declare(self, queue: str, *, expires: float | None = None) -> None:
         self._check()
-        self._queue(queue)
+        self._queue(queue)  # nothing here outlives the process: `expires` has nothing to bound
 
     async def publish(self, queue: str, message: Message) -> str:
         if self._closed or self._down:

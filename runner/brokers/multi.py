@@ -64,7 +64,7 @@ class MultiBroker:
         # Up and holding every declared queue: where publishes go, in the order of `brokers:`.
         self.ready: list[Member] = []
         self._turn = 0
-        self._declared: dict[str, None] = {}
+        self._declared: dict[str, float | None] = {}  # queue → its `expires`
         self._live: dict[MergedSubscription, Opener] = {}  # open consumers → how to open a child
         self._joining: dict[Member, asyncio.Task[None]] = {}
         self._changed = asyncio.Event()  # set, and replaced, when a broker goes down or comes back
@@ -150,7 +150,7 @@ class MultiBroker:
             if not queues and not missing:
                 return member.available
             for queue in queues:
-                await member.declare(queue)
+                await member.declare(queue, expires=self._declared[queue])
                 declared.add(queue)
             for merged, opener in missing:
                 if not await self._attach(merged, member, opener):
@@ -234,11 +234,11 @@ class MultiBroker:
 
     # -- queues and consumers ------------------------------------------------------------------
 
-    async def declare(self, queue: str) -> None:
-        self._declared[queue] = None  # and on each broker that joins later
+    async def declare(self, queue: str, *, expires: float | None = None) -> None:
+        self._declared[queue] = expires  # and on each broker that joins later
         for member in list(self.ready):
             try:
-                await member.declare(queue)
+                await member.declare(queue, expires=expires)
             except BrokerUnavailable:
                 self._leave(member)
 

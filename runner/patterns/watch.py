@@ -47,6 +47,10 @@ RESERVED_PREFIX = "edarun."
 STATE_SUFFIX = ".state"
 REPLIES_SUFFIX = ".replies"
 REGISTER_TIMEOUT = 10.0  # how long a starting service waits for the current values
+# A watch queue unused this long (its service gone: removed, renamed, fewer instances) is deleted
+# by the broker, and the config service then unregisters it. A service that comes back later
+# loses nothing: it declares its queue again and registering brings the current values.
+WATCH_QUEUE_EXPIRES_S = 7 * 24 * 3600.0
 STALE_GET_S = 30.0  # a `get` queued while no config service ran: nobody waits for its answer now
 
 
@@ -303,7 +307,7 @@ class ConfigService:
             queue, watched = str(command["queue"]), [str(k) for k in command["keys"]]
             # Declared here too: on several brokers (pattern 9) one that comes back gets it again
             # before a change is sent there.
-            await self.broker.declare(queue)
+            await self.broker.declare(queue, expires=WATCH_QUEUE_EXPIRES_S)
             state = copy.deepcopy(self.state)
             state.watchers[queue] = {"service": str(command.get("service", queue)), "keys": watched}
             await self._persist(state)
@@ -385,7 +389,7 @@ class ConfigWatcher:
     async def start(self, timeout: float = REGISTER_TIMEOUT) -> None:
         """Register and wait (at most `timeout`) for the current values."""
         broker = self.broker
-        await broker.declare(self.queue)
+        await broker.declare(self.queue, expires=WATCH_QUEUE_EXPIRES_S)
         await broker.declare(config_queue(self.pipeline))
         self._sub = await broker.consume(self.queue, prefetch=100)
         self._task = asyncio.create_task(self._follow(), name=f"{self.service} watch")

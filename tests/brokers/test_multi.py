@@ -234,9 +234,9 @@ async def test_a_consumer_opened_while_a_broker_rejoins_gets_it_too() -> None:
             self.hold = asyncio.Event()
             self.hold.set()
 
-        async def declare(self, queue: str) -> None:
+        async def declare(self, queue: str, *, expires: float | None = None) -> None:
             await self.hold.wait()
-            await super().declare(queue)
+            await super().declare(queue, expires=expires)
 
     a, b = MemoryBroker("memory://a"), SlowToDeclare("memory://b")
     multi = MultiBroker([a, b])

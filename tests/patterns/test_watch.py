@@ -332,3 +332,39 @@ async def test_a_bad_command_or_a_stray_snapshot_changes_nothing(bus: Broker, br
     finally:
         await config.stop()
         await cleanup(broker_url, [config_queue(name), state_queue(name)])
+
+
+async def test_a_watch_queue_expires_once_its_service_is_gone() -> None:
+    """On RabbitMQ a watch queue carries x-expires: the queue of a service that never comes back
+    goes by itself; every declare of it (the watcher's, the config service's) says the same. (The
+    embedded broker keeps nothing beyond its process: nothing to expire there.)"""
+    import aio_pika
+    import aiormq
+    from conftest import AMQP_URL, amqp_available
+
+    from runner.patterns.watch import WATCH_QUEUE_EXPIRES_S
+
+    amqp_available()
+    name = unique("expire")
+    bus = connect_url(AMQP_URL)
+    await bus.connect(10.0)
+    tracing = Tracing()
+    config = ConfigService(name, {"limit": 1}, broker=bus, tracing=tracing)
+    watcher = ConfigWatcher(name, "w", ["limit"], {"limit": 1}, broker=bus, tracing=tracing)
+    try:
+        await config.start()
+        await watcher.start(timeout=5.0)
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            queue = watch_queue(name, "w")
+            channel = await connection.channel()
+            # A declare with the same x-expires passes; one without it is refused by the broker.
+            arguments = {"x-expires": int(WATCH_QUEUE_EXPIRES_S * 1000)}
+            await channel.declare_queue(queue, durable=True, arguments=arguments)
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                await channel.declare_queue(queue, durable=True)
+    finally:
+        await watcher.close()
+        await config.stop()
+        await bus.close()
+        await cleanup(AMQP_URL, [config_queue(name), state_queue(name), watch_queue(name, "w")])

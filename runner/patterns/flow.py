@@ -71,6 +71,7 @@ class FlowMonitor:
         self.state = NORMAL
         self.depth = 0
         self.stopping = asyncio.Event()
+        self._tick = asyncio.Event()  # set to poll at once: a stop, or a new policy (--reload)
         self._id = os.urandom(4).hex()
         self._said = 0
 
@@ -96,7 +97,8 @@ class FlowMonitor:
                 first = False
             await self._announce()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.policy.every)
+                await asyncio.wait_for(self._tick.wait(), self.policy.every)
+            self._tick.clear()
 
     def decide(self, depth: int) -> str:
         if self.state == NORMAL and depth > self.policy.upper:
@@ -126,9 +128,11 @@ class FlowMonitor:
         if policy != self.policy:
             log.info("%s: flow control now %s", self.queue, _describe(policy))
             self.policy = policy
+            self._tick.set()  # decide by it now, not after the old interval
 
     def stop(self) -> None:
         self.stopping.set()
+        self._tick.set()
 
 
 def _describe(policy: FlowControl) -> str:

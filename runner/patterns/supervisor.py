@@ -61,6 +61,7 @@ class Supervisor:
         self.instances = instances
         self.decided = decided  # (from, to, depth): for the report, the live view and traces
         self.stopping = asyncio.Event()
+        self._tick = asyncio.Event()  # set to poll at once: a stop, or a new policy (--reload)
         self.below_since: float | None = None  # since when fewer consumers would do
 
     async def run(self) -> None:
@@ -69,8 +70,9 @@ class Supervisor:
             for queue in self.queues:
                 depth += (await self.broker.depth(queue)).ready
             self.adjust(depth)
-            with contextlib.suppress(TimeoutError):  # the policy may have changed (--reload)
-                await asyncio.wait_for(self.stopping.wait(), self.policy.every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick.wait(), self.policy.every)
+            self._tick.clear()
 
     def adjust(self, depth: int, now: float | None = None) -> int:
         pool, policy = self.pool, self.policy
@@ -94,8 +96,14 @@ class Supervisor:
                 self.decided(current, after, depth)
         return after
 
+    def apply_policy(self, policy: Autoscale) -> None:
+        """New numbers (edarun up --reload): the next poll, at once, decides by them."""
+        self.policy = policy
+        self._tick.set()
+
     def stop(self) -> None:
         self.stopping.set()
+        self._tick.set()
 
 
 def describe_decision(before: int, after: int, depth: int) -> dict[str, Any]:

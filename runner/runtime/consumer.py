@@ -283,7 +283,7 @@ class ConsumerService:
             self.executor = executor
         self.max_workers = most
         if spec.autoscale is not None and self.supervisor is not None:
-            self.supervisor.policy = spec.autoscale  # its next poll decides by the new numbers
+            self.supervisor.apply_policy(spec.autoscale)  # it polls at once, by the new numbers
         elif spec.autoscale is None and (spec.concurrency or 1) != (old.concurrency or 1):
             self._resize((spec.concurrency or 1) * self._copies)
         self.log.info("%s: policy applied", self.name)

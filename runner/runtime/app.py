@@ -194,7 +194,9 @@ class Runner:
         self.workflow_names = [name for name in workflows if name in selected]
         self.runs_config = self.config_name in selected and watched
         self.lanes: dict[str, LaneRule] = {}
-        self._policy: tuple[int, Pipeline] | None = None  # the latest edarun.policy, parsed once
+        # The latest edarun.policy document and its model, parsed once for the process's services
+        # (keyed by the document, not its version: a config state begun again counts anew).
+        self._policy: tuple[Any, Pipeline] | None = None
         self.stats = RunStats(pipeline=model.name)
         self.stop_requested: asyncio.Event | None = None
         self.interrupted = False
@@ -415,7 +417,7 @@ class Runner:
 
             def changed(key: str, value: Any, version: int, service: Any = service) -> None:
                 if key == POLICY_KEY:
-                    self._apply_policy(service, value, version)
+                    self._apply_policy(service, value)
 
             watcher = ConfigWatcher(
                 model.name, name, keys, model.config, broker=broker, tracing=tracing, instance=instance,
@@ -426,10 +428,10 @@ class Runner:
             watchers.append(watcher)
         return watchers
 
-    def _apply_policy(self, service: Any, document: Any, version: int) -> None:
+    def _apply_policy(self, service: Any, document: Any) -> None:
         """An edited pipeline's policies (--reload), for one service of this process."""
-        if self._policy is None or self._policy[0] != version:
-            self._policy = (version, Pipeline.model_validate(document))
+        if self._policy is None or self._policy[0] != document:
+            self._policy = (document, Pipeline.model_validate(document))
             update_rules(self.lanes, self._policy[1])  # every publisher of this process reads them
         model = self._policy[1]
         if isinstance(service, FlowMonitor):

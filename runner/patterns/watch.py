@@ -469,6 +469,11 @@ class ConfigClient:
         self.pipeline = pipeline
         self.broker = broker
 
+    async def send(self, command: dict[str, Any]) -> None:
+        """Queue `command` for the config service (pinned with the rest of its traffic), without
+        waiting for an answer."""
+        await self.broker.publish(config_queue(self.pipeline), _message(command, self.pipeline))
+
     async def request(self, command: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         """Send `command` and wait for the config service's answer; None when none came in time
         (the command stays queued for the service's next start)."""
@@ -477,8 +482,7 @@ class ConfigClient:
         replies = await broker.listen(replies_exchange(self.pipeline))
         try:
             await broker.declare(config_queue(self.pipeline))
-            command = {**command, "request": request, "at": time.time()}
-            await broker.publish(config_queue(self.pipeline), _message(command, self.pipeline))
+            await self.send({**command, "request": request, "at": time.time()})
             async with asyncio.timeout(timeout):
                 async for delivery in replies:
                     await delivery.ack()

@@ -11,22 +11,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from ..brokers import Broker, BrokerError, Depth, Message, connect_urls
+from ..brokers import Broker, BrokerError, Depth, connect_urls
 from ..brokers.multi import MultiBroker
 from ..config.loader import LoadedPipeline
 from ..config.models import Metrics, Pipeline
 from ..patterns.flow import SLOW, FlowMonitor, monitor_name
 from ..patterns.priority import LaneRule, lane_queue, lane_rules, update_rules
-from ..patterns.watch import POLICY_KEY, ConfigService, ConfigWatcher, config_queue, config_service_name
+from ..patterns.watch import (
+    POLICY_KEY,
+    ConfigClient,
+    ConfigService,
+    ConfigWatcher,
+    config_queue,
+    config_service_name,
+)
 from ..patterns.workflow import WorkflowProcessor, workflow_queue
 from ..redact import redact_text, redact_url
 from ..telemetry import MeteredRun, MetricsError, RunMetrics, Tracing
@@ -441,23 +445,23 @@ class Runner:
         elif isinstance(service, ConsumerService | ProducerService):
             service.apply_policy(model)
 
-    def _reloader(self, broker: Broker) -> Reloader:
-        """--reload: edits of the file go to the config service as `set` commands."""
-        queue = config_queue(self.loaded.model.name)
-
-        pin = queue.encode()  # with the other config traffic (patterns.watch)
+    def _reloader(self, broker: Broker, *, then: Callable[[LoadedPipeline], None] | None = None) -> Reloader:
+        """--reload: edits of the file go to the config service as `set` commands; each outcome
+        goes in the report, and an applied edit to `then` too."""
+        client = ConfigClient(self.loaded.model.name, broker)
 
         async def send(values: dict[str, Any]) -> None:
-            command = {"op": "set", "values": values}
-            await broker.publish(queue, Message(orjson.dumps(command), f"reload-{time.time_ns()}", pin=pin))
+            await client.send({"op": "set", "values": values})
 
-        return Reloader(self.loaded, send=send, applied=self._reload_applied, refused=self._reload_refused)
+        def applied(loaded: LoadedPipeline, changes: list[str]) -> None:
+            self.stats.reload_outcome("applied", changes)
+            if then is not None:
+                then(loaded)
 
-    def _reload_applied(self, loaded: LoadedPipeline, changes: list[str]) -> None:
-        self.stats.reload_outcome("applied", changes)
+        def refused(lines: list[str]) -> None:
+            self.stats.reload_outcome("refused", lines)
 
-    def _reload_refused(self, lines: list[str]) -> None:
-        self.stats.reload_outcome("refused", lines)
+        return Reloader(self.loaded, send=send, applied=applied, refused=refused)
 
     def _producer_stats(self, name: str) -> ProducerStats:
         stats = self.stats.producers.setdefault(name, ProducerStats())

@@ -43,7 +43,7 @@ from .app import (
 from .counters import read_counters
 from .dashboard import dashboard_queue
 from .reload import Reloader
-from .stats import ConsumerStats, ProducerStats, RunStats
+from .stats import HANDLER_BUCKETS_S, ConsumerStats, ProducerStats, RunStats
 from .status import StatusBroadcaster, StatusBuilder
 
 log = logging.getLogger("edarun.supervisor")
@@ -76,7 +76,7 @@ class Child:
     last: dict[str, Any] = field(default_factory=dict)  # the latest counters of this incarnation
     base: dict[str, int] = field(default_factory=dict)  # counters of earlier incarnations
     base_seconds: float = 0.0  # and their handler durations
-    base_buckets: list[int] = field(default_factory=list)
+    base_buckets: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS_S) + 1))
     seq: int = 0
     restarts: int = 0
     failures: int = 0
@@ -246,8 +246,6 @@ class Supervisor:
             if key in counters:
                 child.base[key] = child.base.get(key, 0) + int(counters[key])
         child.base_seconds += float(counters.get("handler_seconds", 0.0))
-        if len(child.base_buckets) < len(counters.get("handler_buckets", ())):
-            child.base_buckets += [0] * (len(counters["handler_buckets"]) - len(child.base_buckets))
         _add_buckets(child.base_buckets, counters.get("handler_buckets", ()))
         if child.kind == "producer":
             # Where the next incarnation resumes: every source event before it was settled.
@@ -425,15 +423,9 @@ class Supervisor:
         os.replace(partial, self._pipeline_copy)
 
     def _reloader(self, broker: Broker) -> Reloader:
-        reloader = self.plan._reloader(broker)
         self.plan.stats = self.stats  # the reloads go in this run's report
-
-        def applied(loaded: LoadedPipeline, changes: list[str]) -> None:
-            self._write_copy(loaded.text)  # what restarts now run
-            self.stats.reload_outcome("applied", changes)
-
-        reloader.applied = applied
-        return reloader
+        # An applied edit is what services (re)started from now on run.
+        return self.plan._reloader(broker, then=lambda loaded: self._write_copy(loaded.text))
 
     def request_stop(self) -> None:
         self.stop_requested.set()

@@ -17,7 +17,21 @@ from runner.telemetry.exporters import EXPORT_TIMEOUT_S
 from runner.telemetry.instruments import Instruments
 
 
-class PrometheusReader(PrometheusMetricReader):
+class _WithProcessDuration:
+    """Mixed into a reader (before the SDK's class): it adds the handler-duration histogram, built
+    from the run's bucket counts, to what the SDK collected, before the reader exports it."""
+
+    _extra: tuple[Instruments, Resource]
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        instruments, resource = self._extra
+        data = instruments.with_process_duration(metrics_data, resource)
+        super()._receive_metrics(data, timeout_millis, **kwargs)  # type: ignore[misc]  # the reader's
+
+
+class PrometheusReader(_WithProcessDuration, PrometheusMetricReader):
     """Collects on each scrape of `registry`."""
 
     def __init__(self, registry: CollectorRegistry, instruments: Instruments, resource: Resource) -> None:
@@ -25,15 +39,8 @@ class PrometheusReader(PrometheusMetricReader):
         # One scope, edarun's: otel_scope_* labels on every series would say nothing.
         super().__init__(registry=registry, scope_info_enabled=False)
 
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        instruments, resource = self._extra
-        data = instruments.with_process_duration(metrics_data, resource)
-        super()._receive_metrics(data, timeout_millis, **kwargs)
 
-
-class OtlpReader(PeriodicExportingMetricReader):
+class OtlpReader(_WithProcessDuration, PeriodicExportingMetricReader):
     """Collects every `every` seconds and POSTs OTLP/HTTP protobuf to `{endpoint}/v1/metrics`."""
 
     def __init__(self, endpoint: str, every: float, instruments: Instruments, resource: Resource) -> None:
@@ -42,13 +49,6 @@ class OtlpReader(PeriodicExportingMetricReader):
         super().__init__(
             exporter, export_interval_millis=every * 1000, export_timeout_millis=EXPORT_TIMEOUT_S * 1000
         )
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        instruments, resource = self._extra
-        data = instruments.with_process_duration(metrics_data, resource)
-        super()._receive_metrics(data, timeout_millis, **kwargs)
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:

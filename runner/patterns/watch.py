@@ -450,9 +450,6 @@ class ConfigWatcher:
         if payload.get("registered") == self._request:
             self._answered.set()
 
-    def pending(self) -> int:
-        return 0 if self._sub is None else self._sub.held
-
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
